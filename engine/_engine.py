@@ -1,0 +1,338 @@
+"""The engine's face: register services, invoke targets, wait for or stream their results."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import enum
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Callable, TypeVar, overload
+
+from ._callbacks import CallbackPool
+from ._context import Channel
+from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledError
+from ._invocation import Invocation, NamedCallback, Phase
+from ._names import Registry
+from ._pool import Task, TargetPool
+from ._result import Outcome, Result
+
+logger = logging.getLogger("engine")
+
+F = TypeVar("F", bound=Callable[..., Any])
+Targets = Mapping[Any, Any] | Iterable[tuple[Any, Any]]
+Callbacks = Iterable[Any] | Callable[..., Any] | str | None
+
+
+class EngineState(enum.Enum):
+    """An engine's lifecycle; it only moves forward."""
+
+    OPEN = "open"  #: accepting invocations
+    CLOSING = "closing"  #: shutdown began: no new invocations; accepted work still finishes
+    CLOSED = "closed"  #: workers and callback threads are gone
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of what the engine has done; the backlog shows callbacks lagging behind."""
+
+    state: EngineState
+    worker_pids: tuple[int, ...]
+    workers_started: int
+    worker_deaths: int  #: workers lost while running a target: crashes, timeouts, cancellations
+    worker_start_failures: int
+    invocations_active: int
+    callbacks_submitted: int
+    callbacks_succeeded: int
+    callbacks_failed: int
+    callback_backlog: int  #: callbacks queued or running now
+    callback_max_lag: float  #: the longest any callback waited for a thread, seconds
+
+
+def _default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class Engine:
+    """Runs targets in parallel worker processes and calls back for each of them.
+
+    ``Engine(workers=None, callback_workers=None, timeout=None)``: `workers` processes (default:
+    the usable CPUs), up to `callback_workers` callback threads (default: CPUs + 4, at most 32)
+    or any `callback_executor`, and a default per-target time limit in seconds.
+    """
+
+    def __init__(self, workers: int | None = None, callback_workers: int | None = None,
+                 timeout: float | None = None, *, source: str | None = None,
+                 callback_executor: concurrent.futures.Executor | None = None,
+                 history: int = 1024) -> None:
+        workers = _default_workers() if workers is None else workers
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, not {workers!r}")
+        _check_timeout(timeout)
+        self._default_timeout = timeout
+        self._default_source = source
+        self._history = history
+        self._registry = Registry()
+        self._lock = threading.Lock()
+        self._active: dict[str, Invocation] = {}
+        self._finished: collections.OrderedDict[str, Invocation] = collections.OrderedDict()
+        self._state = EngineState.OPEN
+        self._closer: threading.Thread | None = None
+        self._callbacks = CallbackPool(callback_workers or min(32, _default_workers() + 4),
+                                       callback_executor)
+        self._pool = TargetPool(workers, self._deliver)
+        _live_engines.add(self)
+
+    # -- services --------------------------------------------------------------------------------
+
+    @overload
+    def register(self, name: str) -> Callable[[F], F]: ...
+    @overload
+    def register(self, name: str, fn: F) -> F: ...
+
+    def register(self, name: str, fn: F | None = None) -> F | Callable[[F], F]:
+        """Register `fn` as a named target or callback; without `fn`, a decorator."""
+        if fn is None:
+            def decorate(fn: F) -> F:
+                self._registry.register(name, fn)
+                return fn
+            return decorate
+        self._registry.register(name, fn)
+        return fn
+
+    # -- invocations -----------------------------------------------------------------------------
+
+    def invoke(self, targets: Targets, callbacks: Callbacks = None, cid: str | None = None,
+               source: str | None = None, timeout: float | None = None) -> str:
+        """Run every target in parallel; call each callback once per target; return the CID.
+
+        `targets` is ``{target: request}``, or ``(target, request)`` pairs to run one target
+        many times (an iterator is pulled lazily, as workers free up). A target is a callable,
+        a registered name or ``"package.module:function"``. `timeout` limits each target's run.
+        """
+        return self._start(targets, Channel.PARALLEL_EXEC_CALL, callbacks, None, cid,
+                           source, timeout)
+
+    def fanout(self, targets: Targets, on_target: Callbacks = None, on_final: Callbacks = None,
+               cid: str | None = None, source: str | None = None,
+               timeout: float | None = None) -> str:
+        """`invoke`, plus `on_final` callbacks run once, after every target has its result."""
+        return self._start(targets, Channel.FANOUT_CALL, on_target, on_final, cid, source,
+                           timeout)
+
+    def wait(self, cid: str, timeout: float | None = None) -> dict[Any, Result] | list[Result]:
+        """Block until every target of `cid` has its result and every callback has finished.
+
+        Returns ``{target: Result}`` for a mapping, else one Result per pair, in order.
+        Raises `TimeoutError` if that takes longer than `timeout` seconds.
+        """
+        invocation = self._lookup(cid)
+        if not invocation.wait_done(timeout):
+            raise TimeoutError(f"invocation {cid!r} not done after {timeout} s: "
+                               f"{invocation.progress()}")
+        return invocation.collect()
+
+    def as_completed(self, cid: str, timeout: float | None = None) -> Iterator[Result]:
+        """Yield the results of `cid` as they are recorded, without waiting for callbacks."""
+        return self._lookup(cid).stream(timeout)
+
+    def cancel(self, cid: str) -> bool:
+        """Cancel `cid`: queued targets never start, running ones are killed; each gets a
+        `TargetCancelledError` result and its callbacks still run. False if it had every result already."""
+        invocation = self._lookup(cid)
+        if invocation.phase is not Phase.RUNNING:
+            return False
+        invocation.cancel()
+        self._pool.kill_running(invocation, _cancelled_while_running)
+        return True
+
+    def stats(self) -> EngineStats:
+        pool, callbacks = self._pool.stats, self._callbacks.stats
+        with self._lock:
+            active = len(self._active)
+        return EngineStats(self._state, self._pool.pids, pool.workers_started, pool.worker_deaths,
+                           pool.start_failures, active, callbacks.submitted, callbacks.succeeded,
+                           callbacks.failed, callbacks.backlog, callbacks.max_lag)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def shutdown(self, wait: bool = True, *, cancel: bool = False,
+                 timeout: float | None = None) -> None:
+        """Stop accepting invocations, finish the accepted ones, then stop every process.
+
+        With `wait`, block until every running target finished, every pending callback ran and
+        no worker is left. `cancel` cancels what is queued or running first. After `timeout`
+        seconds the rest is cancelled and callbacks still running are abandoned (and logged).
+        """
+        with self._lock:
+            if self._state is EngineState.OPEN:
+                self._state = EngineState.CLOSING
+                self._closer = threading.Thread(target=self._close, args=(timeout,),
+                                                name="engine-shutdown", daemon=True)
+                self._closer.start()
+            active = list(self._active)
+            closer = self._closer
+        if cancel:
+            for cid in active:
+                self.cancel(cid)
+        if wait and closer is not None and closer is not threading.current_thread():
+            closer.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # Ctrl-C or SystemExit: stop now rather than finish every queued target first.
+        interrupted = exc_type is not None and not issubclass(exc_type, Exception)
+        self.shutdown(wait=True, cancel=interrupted)
+
+    def __repr__(self) -> str:
+        return f"<engine.Engine {self._state.value} workers={len(self._pool.pids)}>"
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _start(self, targets: Targets, channel: Channel, on_target: Callbacks,
+               on_final: Callbacks, cid: str | None, source: str | None,
+               timeout: float | None) -> str:
+        if self._state is not EngineState.OPEN:
+            raise EngineClosedError("the engine is shut down; it accepts no invocations")
+        if cid is not None and (not isinstance(cid, str) or not cid):
+            raise TypeError(f"cid must be a non-empty str, not {cid!r}")
+        _check_timeout(timeout)
+        callbacks_on_target = self._resolve_callbacks(on_target)
+        callbacks_on_final = self._resolve_callbacks(on_final)
+        items, total, keys = _normalize(targets)
+        resolved: dict[Any, tuple[str, bytes]] = {}
+        invocation = Invocation(
+            cid=cid or uuid.uuid4().hex,
+            source=source or self._default_source or _caller_module(),
+            channel=channel, items=iter(items), total=total, keys=keys, registry=self._registry,
+            resolved=resolved, timeout=self._default_timeout if timeout is None else timeout,
+            on_target=callbacks_on_target, on_final=callbacks_on_final,
+            callbacks=self._callbacks, retire=self._retire)
+        if total is not None:  # bad input fails here, before anything starts
+            for target, _ in items:
+                invocation.resolve(target)
+        with self._lock:
+            if self._state is not EngineState.OPEN:
+                raise EngineClosedError("the engine is shut down; it accepts no invocations")
+            if invocation.cid in self._active:
+                raise DuplicateCidError(invocation.cid)
+            self._active[invocation.cid] = invocation
+        if total == 0:
+            invocation.next_task()  # sees the end of the input: fan-in runs at once
+        else:
+            self._pool.add_feed(invocation)
+        return invocation.cid
+
+    def _resolve_callbacks(self, callbacks: Callbacks) -> list[NamedCallback]:
+        if callbacks is None:
+            return []
+        if isinstance(callbacks, str) or callable(callbacks):
+            callbacks = [callbacks]
+        return [self._registry.resolve(callback, "callback") for callback in callbacks]
+
+    def _deliver(self, task: Task, outcome: Outcome) -> None:
+        task.owner.record(task.index, task.target, outcome)
+
+    def _retire(self, invocation: Invocation) -> None:
+        with self._lock:
+            if self._active.get(invocation.cid) is invocation:
+                del self._active[invocation.cid]
+            self._finished[invocation.cid] = invocation
+            self._finished.move_to_end(invocation.cid)
+            while len(self._finished) > self._history:
+                self._finished.popitem(last=False)
+
+    def _lookup(self, cid: str) -> Invocation:
+        with self._lock:
+            invocation = self._active.get(cid) or self._finished.get(cid)
+        if invocation is None:
+            raise KeyError(f"no invocation with CID {cid!r} (finished ones are kept for the last "
+                           f"{self._history} invocations)")
+        return invocation
+
+    def _close(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for invocation in self._snapshot():
+            if not invocation.wait_done(_remaining(deadline)):
+                break
+        leftover = self._snapshot()
+        if leftover:
+            logger.warning("engine shutdown timed out; cancelling %d invocations", len(leftover))
+            for invocation in leftover:
+                invocation.cancel()
+                self._pool.kill_running(invocation, _cancelled_while_running)
+        self._pool.close()
+        self._pool.join()
+        abandoned = self._callbacks.shutdown(_remaining(deadline))
+        if abandoned:
+            logger.warning("engine shutdown abandoned callbacks still running: %s",
+                           ", ".join(abandoned))
+        with self._lock:
+            self._state = EngineState.CLOSED
+        _live_engines.discard(self)
+
+    def _snapshot(self) -> list[Invocation]:
+        with self._lock:
+            return list(self._active.values())
+
+
+def _normalize(targets: Targets) -> tuple[Iterable[Any], int | None, list[Any] | None]:
+    """(items, total or None if lazy, mapping keys or None) for what `invoke` was given."""
+    if isinstance(targets, Mapping):
+        items = list(targets.items())
+        return items, len(items), [key for key, _ in items]
+    if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
+        raise TypeError("targets must be a mapping {target: request} or an iterable of "
+                        f"(target, request) pairs, not {type(targets).__name__}")
+    if isinstance(targets, Collection):
+        items = list(targets)
+        for position, item in enumerate(items):
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise TypeError(f"targets[{position}] must be a (target, request) pair, "
+                                f"not {item!r}")
+        return items, len(items), None
+    return targets, None, None
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+
+
+def _cancelled_while_running(task: Task) -> TargetCancelledError:
+    return TargetCancelledError(task.target, running=True)
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _caller_module() -> str:
+    """The default `source`: the module that called invoke/fanout."""
+    frame = sys._getframe(3)
+    return str(frame.f_globals.get("__name__", "engine"))
+
+
+# Engines not shut down by their owner are shut down before the interpreter joins its threads:
+# pending results and callbacks are not lost, and no worker outlives the script.
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _shutdown_at_exit() -> None:
+    interrupted = isinstance(getattr(sys, "last_value", None), (KeyboardInterrupt, SystemExit))
+    for engine in list(_live_engines):
+        engine.shutdown(wait=True, cancel=interrupted)
+
+
+threading._register_atexit(_shutdown_at_exit)  # type: ignore[attr-defined]

@@ -1,0 +1,243 @@
+"""One invocation: its targets as a feed for the pool, its results, its callbacks' accounting."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import pickle
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Callable, Sequence
+
+import cloudpickle
+
+from ._callbacks import Callback, CallbackPool
+from ._context import CallContext, Channel
+from ._exceptions import SerializationError, TargetCancelledError
+from ._names import Registry
+from ._pool import Task
+from ._result import Outcome, Result, utc_timestamp
+
+logger = logging.getLogger("engine")
+
+NamedCallback = tuple[str, Callback]
+
+_CHANNELS = {  # call channel -> (on-target channel, on-final channel)
+    Channel.PARALLEL_EXEC_CALL: (Channel.PARALLEL_EXEC_ON_TARGET, None),
+    Channel.FANOUT_CALL: (Channel.FANOUT_ON_TARGET, Channel.FANOUT_ON_FINAL),
+}
+
+
+class Phase(enum.Enum):
+    """An invocation's lifecycle; it only moves forward."""
+
+    RUNNING = "running"  #: some targets have no result yet
+    CALLBACKS = "callbacks"  #: every target has its result; callbacks are still running
+    DONE = "done"  #: every result recorded and every callback finished
+
+
+class Invocation:
+    """The state of one `invoke`/`fanout` call, shared by the caller, the manager and callbacks.
+
+    Lock order: `_feed_lock` (pulling targets), then `_cond` (results); never the reverse.
+    """
+
+    def __init__(self, *, cid: str, source: str, channel: Channel, items: Iterator[Any],
+                 total: int | None, keys: Sequence[Any] | None, registry: Registry,
+                 resolved: dict[Any, tuple[str, bytes]], timeout: float | None,
+                 on_target: list[NamedCallback], on_final: list[NamedCallback],
+                 callbacks: CallbackPool, retire: Callable[[Invocation], None]) -> None:
+        self.cid, self.source, self.channel = cid, source, channel
+        self.req_ts = time.time()
+        self.timeout = timeout
+        self.on_target, self.on_final = on_target, on_final
+        self._items = items  # (target, request) pairs, pulled only as workers free up
+        self._keys = keys  # the mapping's keys, for wait(); None for pairs
+        self._registry, self._resolved = registry, resolved
+        self._callbacks, self._retire = callbacks, retire
+        self._feed_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._pulled = 0
+        self.total = total  # None until a lazy iterator is exhausted
+        self.results: dict[int, Result] = {}
+        self.completed: list[Result] = []  # completion order
+        self._data: list[dict[str, Any]] = []  # fan-in payloads, completion order
+        self._pending_callbacks = 0
+        self.phase = Phase.RUNNING
+        self.cancelled = False
+
+    # -- the feed the target pool pulls from (manager thread) ----------------------------------
+
+    def next_task(self) -> Task | None:
+        with self._feed_lock:
+            while not self.cancelled:
+                pulled = self._pull()
+                if pulled is None:
+                    return None
+                index, target, request = pulled
+                try:
+                    name, fn_blob = self.resolve(target)
+                except BaseException as exc:  # a lazily given bad target fails on its own
+                    self.record(index, self._name(target), Outcome.failure(
+                        exc, started=None, finished=time.time(), pid=None))
+                    continue
+                context = (self.channel.value, self.cid, self.source, name, index)
+                return Task(self, index, name, fn_blob, request, self.timeout, context)
+            return None
+
+    def _pull(self) -> tuple[int, Any, Any] | None:
+        """The next (index, target, request), or None once the input is exhausted."""
+        try:
+            item = next(self._items)
+        except StopIteration:
+            self._set_total(self._pulled)
+            return None
+        index = self._pulled
+        self._pulled += 1
+        try:
+            target, request = item
+        except (TypeError, ValueError):
+            target, request = item, None  # fails as "not a target" when resolved
+        return index, target, request
+
+    def resolve(self, target: Any) -> tuple[str, bytes]:
+        try:
+            return self._resolved[target]
+        except (KeyError, TypeError):  # TypeError: an unhashable target is resolved every time
+            pass
+        name, fn = self._registry.resolve(target, "target")
+        try:
+            blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            raise SerializationError(name, "function", f"{type(exc).__name__}: {exc}") from exc
+        try:
+            self._resolved[target] = (name, blob)
+        except TypeError:
+            pass
+        return name, blob
+
+    def _name(self, target: Any) -> str:
+        try:
+            return self.resolve(target)[0]
+        except BaseException:
+            return target if isinstance(target, str) else repr(target)
+
+    def cancel(self) -> None:
+        """Fail every target not yet pulled; the engine kills the running ones."""
+        with self._feed_lock:
+            self.cancelled = True
+            while (pulled := self._pull()) is not None:
+                index, target, _ = pulled
+                name = self._name(target)
+                self.record(index, name, Outcome.failure(TargetCancelledError(name, running=False),
+                                                         started=None, finished=time.time(),
+                                                         pid=None))
+
+    # -- results and callbacks (any thread) ------------------------------------------------------
+
+    def record(self, index: int, target: str, outcome: Outcome) -> None:
+        """Record a target's only result and queue its callbacks; never waits on them."""
+        result = Result(self.cid, target, index, outcome.ok,
+                        outcome.value if outcome.ok else None,
+                        None if outcome.ok else outcome.value,
+                        None if outcome.ok else outcome.traceback,
+                        self.req_ts, outcome.finished, outcome.started, outcome.pid)
+        payload = result.payload(self.source) if self.on_target or self.on_final else None
+        with self._cond:
+            if index in self.results:
+                logger.error("engine got a second result for target %d of cid %s; ignored",
+                             index, self.cid)
+                return
+            self.results[index] = result
+            self.completed.append(result)
+            if self.on_final and payload is not None:
+                self._data.append(payload)
+            self._pending_callbacks += len(self.on_target)
+            all_done = self._all_targets_done()
+            self._cond.notify_all()
+        if payload is not None:
+            on_target = _CHANNELS[self.channel][0]
+            context = CallContext(on_target, self.cid, self.source, target, index)
+            for name, fn in self.on_target:
+                self._callbacks.submit(fn, name, dict(payload), context, self._callback_done)
+        if all_done:
+            self._finish_targets()
+
+    def _set_total(self, total: int) -> None:
+        with self._cond:
+            self.total = total
+            all_done = self._all_targets_done()
+        if all_done:
+            self._finish_targets()
+
+    def _all_targets_done(self) -> bool:
+        """Under `_cond`: True exactly once, when the last result is in and the total known."""
+        if self.phase is Phase.RUNNING and self.total is not None \
+                and len(self.results) == self.total:
+            self.phase = Phase.CALLBACKS
+            self._pending_callbacks += len(self.on_final)
+            return True
+        return False
+
+    def _finish_targets(self) -> None:
+        on_final = _CHANNELS[self.channel][1]
+        if on_final is not None and self.on_final:
+            context = CallContext(on_final, self.cid, self.source, None, None)
+            payload = {
+                "phase": "on-final",
+                "source": self.source,
+                "cid": self.cid,
+                "req_ts_utc": utc_timestamp(self.req_ts),
+                "on_target": [name for name, _ in self.on_target],
+                "on_final": [name for name, _ in self.on_final],
+            }
+            for name, fn in self.on_final:
+                self._callbacks.submit(fn, name, {**payload, "data": list(self._data)}, context,
+                                       self._callback_done)
+        self._callback_done(0)
+
+    def _callback_done(self, count: int = 1) -> None:
+        with self._cond:
+            self._pending_callbacks -= count
+            if self.phase is not Phase.CALLBACKS or self._pending_callbacks:
+                return
+            self.phase = Phase.DONE
+            self._cond.notify_all()
+        self._retire(self)
+
+    # -- what the caller waits for ---------------------------------------------------------------
+
+    def wait_done(self, timeout: float | None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.phase is Phase.DONE, timeout)
+
+    def progress(self) -> str:
+        with self._cond:
+            total = "?" if self.total is None else self.total
+            return f"{len(self.results)} of {total} results, {self._pending_callbacks} callbacks " \
+                   f"pending"
+
+    def collect(self) -> dict[Any, Result] | list[Result]:
+        """``{target: Result}`` for a mapping, else one Result per pair in the order given."""
+        with self._cond:
+            ordered = [self.results[i] for i in range(len(self.results))]
+        if self._keys is not None:
+            return dict(zip(self._keys, ordered))
+        return ordered
+
+    def stream(self, timeout: float | None) -> Iterator[Result]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for position in itertools.count():
+            with self._cond:
+                while position >= len(self.completed):
+                    if self.total is not None and position >= self.total:
+                        return
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise TimeoutError(f"invocation {self.cid!r}: {position} of "
+                                           f"{self.total or '?'} results after {timeout} s")
+                    self._cond.wait(remaining)
+                result = self.completed[position]
+            yield result

@@ -1,0 +1,89 @@
+"""Results as values: what one target produced, and the payloads built from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import traceback as traceback_module
+from typing import Any, Literal
+
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def utc_timestamp(epoch: float) -> str:
+    """``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC, the payload's timestamp format."""
+    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(TIMESTAMP_FORMAT)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the target pool reports for one target: the raw facts, before any bookkeeping."""
+
+    ok: bool
+    value: Any  #: the response if ok, else the exception
+    traceback: str | None  #: the formatted traceback if not ok
+    started: float | None  #: epoch seconds when the worker began the target (None: never began)
+    finished: float  #: epoch seconds when the response or failure was produced
+    pid: int | None  #: the worker that ran it
+
+    @classmethod
+    def failure(cls, exc: BaseException, *, started: float | None, finished: float,
+                pid: int | None) -> Outcome:
+        """A failure the engine itself diagnosed (crash, timeout, cancellation, pickling)."""
+        text = "".join(traceback_module.format_exception_only(type(exc), exc))
+        return cls(False, exc, text, started, finished, pid)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    """The one result of one target of an invocation.
+
+    `exception` is the real exception object: a target's own exception (re-raising it shows the
+    worker's frames), or an `engine.TargetError` saying why there is no response.
+    """
+
+    cid: str
+    target: str  #: the target's name: registered name, ``module:function`` path or qualname
+    index: int  #: the target's position in the invocation
+    ok: bool
+    response: Any  #: what the target returned; None if it failed
+    exception: BaseException | None
+    traceback: str | None  #: the traceback text when not ok (the worker's frames for a raise)
+    req_ts: float  #: epoch seconds when the invocation was issued
+    resp_ts: float  #: epoch seconds when the response (or failure) was produced
+    started: float | None  #: epoch seconds when a worker began the target; None if it never did
+    pid: int | None  #: the worker process that ran the target
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds the target ran in its worker; None if it never started."""
+        return None if self.started is None else self.resp_ts - self.started
+
+    @property
+    def req_ts_utc(self) -> str:
+        return utc_timestamp(self.req_ts)
+
+    @property
+    def resp_ts_utc(self) -> str:
+        return utc_timestamp(self.resp_ts)
+
+    def result(self) -> Any:
+        """The response, or raise the exception: `concurrent.futures.Future.result` style."""
+        if self.exception is not None:
+            raise self.exception
+        return self.response
+
+    def payload(self, source: str, phase: Literal["on-target"] = "on-target") -> dict[str, Any]:
+        """The on-target callback payload of DESIGN.md section 4."""
+        return {
+            "source": source,
+            "target": self.target,
+            "response": self.response,
+            "req_ts_utc": self.req_ts_utc,
+            "resp_ts_utc": self.resp_ts_utc,
+            "ok": self.ok,
+            "exception": None if self.ok else self.traceback,
+            "cid": self.cid,
+            "phase": phase,
+            "index": self.index,
+        }
