@@ -211,12 +211,11 @@ class Engine:
         callbacks_on_target = self._resolve_callbacks(on_target)
         callbacks_on_final = self._resolve_callbacks(on_final)
         items, total, keys = _normalize(targets)
-        resolved: dict[Any, tuple[str, bytes]] = {}
         invocation = Invocation(
             cid=cid or uuid.uuid4().hex,
             source=source or self._default_source or _caller_module(),
             channel=channel, items=iter(items), total=total, keys=keys, registry=self._registry,
-            resolved=resolved, timeout=self._default_timeout if timeout is None else timeout,
+            timeout=self._default_timeout if timeout is None else timeout,
             on_target=callbacks_on_target, on_final=callbacks_on_final,
             callbacks=self._callbacks, retire=self._retire)
         if total is not None:  # bad input fails here, before anything starts

@@ -46,7 +46,7 @@ class Invocation:
 
     def __init__(self, *, cid: str, source: str, channel: Channel, items: Iterator[Any],
                  total: int | None, keys: Sequence[Any] | None, registry: Registry,
-                 resolved: dict[Any, tuple[str, bytes]], timeout: float | None,
+                 timeout: float | None,
                  on_target: list[NamedCallback], on_final: list[NamedCallback],
                  callbacks: CallbackPool, retire: Callable[[Invocation], None]) -> None:
         self.cid, self.source, self.channel = cid, source, channel
@@ -55,7 +55,8 @@ class Invocation:
         self.on_target, self.on_final = on_target, on_final
         self._items = items  # (target, request) pairs, pulled only as workers free up
         self._keys = keys  # the mapping's keys, for wait(); None for pairs
-        self._registry, self._resolved = registry, resolved
+        self._registry = registry
+        self._resolved: dict[Any, tuple[str, bytes | SerializationError]] = {}
         self._callbacks, self._retire = callbacks, retire
         self._feed_lock = threading.Lock()
         self._cond = threading.Condition()
@@ -77,11 +78,14 @@ class Invocation:
                 if pulled is None:
                     return None
                 index, target, request = pulled
+                fn_blob: bytes | BaseException
                 try:
                     name, fn_blob = self.resolve(target)
-                except BaseException as exc:  # a lazily given bad target fails on its own
-                    self.record(index, self._name(target), Outcome.failure(
-                        exc, started=None, finished=time.time(), pid=None))
+                except Exception as exc:  # a lazily given bad target fails on its own
+                    name, fn_blob = self._name(target), exc
+                if isinstance(fn_blob, BaseException):
+                    self.record(index, name, Outcome.failure(fn_blob, started=None,
+                                                             finished=time.time(), pid=None))
                     continue
                 context = (self.channel.value, self.cid, self.source, name, index)
                 return Task(self, index, name, fn_blob, request, self.timeout, context)
@@ -102,16 +106,19 @@ class Invocation:
             target, request = item, None  # fails as "not a target" when resolved
         return index, target, request
 
-    def resolve(self, target: Any) -> tuple[str, bytes]:
+    def resolve(self, target: Any) -> tuple[str, bytes | SerializationError]:
+        """The target's name and pickled function, or why it won't pickle (which fails only
+        its own targets). Raises for a name or type that is no target at all."""
         try:
             return self._resolved[target]
         except (KeyError, TypeError):  # TypeError: an unhashable target is resolved every time
             pass
         name, fn = self._registry.resolve(target, "target")
+        blob: bytes | SerializationError
         try:
             blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as exc:
-            raise SerializationError(name, "function", f"{type(exc).__name__}: {exc}") from exc
+            blob = SerializationError(name, "function", f"{type(exc).__name__}: {exc}")
         try:
             self._resolved[target] = (name, blob)
         except TypeError:

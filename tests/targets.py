@@ -1,0 +1,116 @@
+"""Targets and callbacks for the tests. Workers import this module, so it imports little."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from engine import current_context
+
+
+def echo(request: Any) -> Any:
+    return request
+
+
+def double(x: int) -> int:
+    return x * 2
+
+
+def getpid(_: Any = None) -> int:
+    return os.getpid()
+
+
+def sleep(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def interval(seconds: float) -> tuple[float, float]:
+    """When the target ran, by the worker's clock."""
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def exit_with(code: int) -> None:
+    os._exit(code)
+
+
+def kill_self(signum: int) -> None:
+    os.kill(os.getpid(), signum)
+    time.sleep(10)
+
+
+def segfault(_: Any = None) -> None:
+    ctypes.string_at(0)  # a real invalid read: the kernel sends SIGSEGV
+
+
+def context(_: Any = None) -> Any:
+    return current_context()
+
+
+def unpicklable_response(_: Any = None) -> Any:
+    return threading.Lock()
+
+
+class HoldsLockError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(message: str) -> None:
+    raise HoldsLockError(message)
+
+
+class CustomInitError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code, self.reason = code, reason
+
+
+def raise_custom(_: Any = None) -> None:
+    raise CustomInitError(7, "custom")
+
+
+def raise_chained(_: Any = None) -> None:
+    try:
+        raise KeyError("inner")
+    except KeyError as exc:
+        error = RuntimeError("outer")
+        error.add_note("a note")
+        raise error from exc
+
+
+def raise_base(kind: str) -> None:
+    raise {"exit": SystemExit(3), "interrupt": KeyboardInterrupt()}[kind]
+
+
+def spawn_grandchild(pid_file: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(pid_file, "w") as f:
+        f.write(str(child.pid))
+    time.sleep(60)
+
+
+def outcome(kind: str) -> str:
+    """One of the outcomes the property tests mix: return, raise, exit, kill, hang."""
+    if kind == "raise":
+        raise ValueError(kind)
+    if kind == "exit":
+        os._exit(5)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "hang":
+        time.sleep(60)
+    return kind
