@@ -93,18 +93,19 @@ class Invocation:
 
     def _pull(self) -> tuple[int, Any, Any] | None:
         """The next (index, target, request), or None once the input is exhausted."""
-        try:
-            item = next(self._items)
-        except StopIteration:
-            self._set_total(self._pulled)
-            return None
-        index = self._pulled
-        self._pulled += 1
-        try:
-            target, request = item
-        except (TypeError, ValueError):
-            target, request = item, None  # fails as "not a target" when resolved
-        return index, target, request
+        while True:
+            try:
+                item = next(self._items)
+            except StopIteration:
+                self._set_total(self._pulled)
+                return None
+            index = self._pulled
+            self._pulled += 1
+            if isinstance(item, tuple) and len(item) == 2:
+                return index, item[0], item[1]
+            error = TypeError(f"targets[{index}] must be a (target, request) pair, not {item!r}")
+            self.record(index, repr(item), Outcome.failure(error, started=None,
+                                                           finished=time.time(), pid=None))
 
     def resolve(self, target: Any) -> tuple[str, bytes | SerializationError]:
         """The target's name and pickled function, or why it won't pickle (which fails only

@@ -154,10 +154,10 @@ class TargetPool:
         try:
             while True:
                 self._take_commands()
-                if self._closing and not self._has_work():
-                    break
                 self._spawn_missing()
                 self._dispatch()
+                if self._closing and not self._has_work():
+                    break  # checked after dispatch: it may have found the last feed exhausted
                 self._wait_for_events()
                 self._expire()
         except BaseException:  # a bug here must not strand every caller: fail loudly instead

@@ -1,0 +1,170 @@
+"""Callbacks: once per target, on their own pool, isolated from each other; fan-in once."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import json
+import logging
+import multiprocessing
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import targets
+
+from engine import Engine
+
+
+class Recorder:
+    """A thread-safe callback that keeps every payload it is given."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.payloads: list[dict] = []
+        self.delay = delay
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, payload: dict) -> None:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(self.delay)
+        with self._lock:
+            self.running -= 1
+            self.payloads.append(payload)
+
+
+def test_each_callback_runs_exactly_once_per_target_whatever_the_outcome(engine: Engine) -> None:
+    first, second = Recorder(), Recorder()
+    work = [(targets.double, 1), (targets.fail, "x"), (targets.exit_with, 2), (targets.double, 1)]
+    cid = engine.invoke(work, callbacks=[first, second])
+    results = engine.wait(cid, timeout=60)
+    assert [r.ok for r in results] == [True, False, False, True]
+    for recorder in (first, second):
+        assert sorted(p["index"] for p in recorder.payloads) == [0, 1, 2, 3]
+        by_index = {p["index"]: p for p in recorder.payloads}
+        assert by_index[2]["ok"] is False and "EXIT(2)" in by_index[2]["exception"]
+
+
+def test_slow_callbacks_never_delay_the_recording_of_results() -> None:
+    slow = Recorder(delay=0.05)
+    with Engine(workers=2, callback_workers=1) as eng:
+        eng.wait(eng.invoke([(targets.echo, 0)] * 2), timeout=30)  # workers are up
+        cid = eng.invoke([(targets.echo, i) for i in range(40)], callbacks=[slow])
+        recorded = list(eng.as_completed(cid, timeout=30))
+        finished_when_recorded = len(slow.payloads)
+        eng.wait(cid, timeout=30)
+    assert len(recorded) == 40
+    # One callback thread needs 40 x 50 ms = 2 s for the callbacks; results came long before.
+    assert finished_when_recorded < 20, finished_when_recorded
+    assert len(slow.payloads) == 40
+
+
+def test_callbacks_run_concurrently_on_the_callback_pool(engine: Engine) -> None:
+    slow = Recorder(delay=0.2)
+    engine.wait(engine.invoke([(targets.echo, i) for i in range(8)], callbacks=[slow]),
+                timeout=30)
+    assert slow.most_at_once > 1
+
+
+def test_a_raising_callback_is_logged_counted_and_harms_nothing(
+        engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    good = Recorder()
+
+    def bad(payload: dict) -> None:
+        raise RuntimeError(f"callback failed for {payload['index']}")
+
+    with caplog.at_level(logging.ERROR, logger="engine"):
+        cid = engine.invoke([(targets.double, i) for i in range(5)], callbacks=[bad, good])
+        results = engine.wait(cid, timeout=30)
+    assert all(r.ok for r in results)
+    assert len(good.payloads) == 5
+    stats = engine.stats()
+    assert stats.callbacks_failed == 5 and stats.callbacks_succeeded == 5
+    assert stats.callback_backlog == 0
+    logged = [r for r in caplog.records if "raised" in r.getMessage()]
+    assert len(logged) == 5 and all(r.exc_info for r in logged)
+    assert "callback failed for" in caplog.text
+
+
+def test_fanout_runs_on_final_once_after_every_target_with_the_fan_in_payload(
+        engine: Engine) -> None:
+    on_target, on_final = Recorder(), Recorder()
+    results_when_final: list[int] = []
+
+    def final(payload: dict) -> None:
+        results_when_final.append(len(on_target_results()))
+        on_final(payload)
+
+    def on_target_results() -> list:
+        return engine._lookup(cid).completed  # what was recorded when on-final ran
+
+    cid = engine.fanout([(targets.sleep, 0.2), (targets.fail, "x"), (targets.exit_with, 1)],
+                        on_target=[on_target], on_final=[final], source="fan")
+    engine.wait(cid, timeout=60)
+    assert len(on_final.payloads) == 1 and results_when_final == [3]
+    payload = on_final.payloads[0]
+    assert set(payload) == {"phase", "source", "cid", "req_ts_utc", "on_target", "on_final",
+                            "data"}
+    assert payload["phase"] == "on-final" and payload["cid"] == cid
+    assert payload["source"] == "fan" and isinstance(payload["req_ts_utc"], str)
+    assert payload["on_target"] == [f"{__name__}:{Recorder.__qualname__}"]
+    assert payload["on_final"] == [f"{__name__}:{final.__qualname__}"]
+    data = payload["data"]
+    assert sorted(p["index"] for p in data) == [0, 1, 2]
+    assert [p["ok"] for p in sorted(data, key=lambda p: p["index"])] == [True, False, False]
+    completion = [r.index for r in engine._lookup(cid).completed]
+    assert [p["index"] for p in data] == completion
+    assert len(on_target.payloads) == 3
+
+
+def test_fanout_of_nothing_runs_on_final_at_once_with_empty_data(engine: Engine) -> None:
+    on_final = Recorder()
+    cid = engine.fanout({}, on_final=[on_final])
+    assert engine.wait(cid, timeout=10) == {}
+    assert len(on_final.payloads) == 1 and on_final.payloads[0]["data"] == []
+
+
+def test_callbacks_by_registered_name_and_import_path(engine: Engine) -> None:
+    recorder = Recorder()
+    engine.register("my.callback2", recorder)
+    cid = engine.invoke({targets.double: 2}, callbacks=["my.callback2", "targets:echo"])
+    engine.wait(cid, timeout=30)
+    assert [p["response"] for p in recorder.payloads] == [4]
+    assert engine.stats().callbacks_succeeded == 2
+
+
+def test_callbacks_can_run_in_a_process_pool(engine: Engine, tmp_path: Path) -> None:
+    out = tmp_path / "calls"
+    out.mkdir()
+
+    def write(payload: dict) -> None:  # a closure: it travels with cloudpickle
+        import os
+        (out / f"{payload['index']}.json").write_text(json.dumps([os.getpid(), payload["ok"]]))
+
+    spawn = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=spawn) as executor:
+        with Engine(workers=2, callback_executor=executor) as eng:
+            eng.wait(eng.invoke([(targets.double, i) for i in range(3)], callbacks=[write]),
+                     timeout=60)
+            assert eng.stats().callbacks_succeeded == 3
+    calls = [json.loads(p.read_text()) for p in sorted(out.iterdir())]
+    assert len(calls) == 3 and all(ok for _, ok in calls)
+    import os
+    assert {pid for pid, _ in calls} != {os.getpid()}
+
+
+def test_callbacks_see_their_own_copy_of_the_payload(engine: Engine) -> None:
+    seen: collections.Counter[str] = collections.Counter()
+
+    def mutate(payload: dict) -> None:
+        payload["target"] = "changed"
+
+    def check(payload: dict) -> None:
+        seen[payload["target"]] += 1
+
+    engine.wait(engine.invoke([(targets.double, 1)] * 5, callbacks=[mutate, check]), timeout=30)
+    assert seen == {"targets:double": 5}

@@ -1,0 +1,60 @@
+"""The invariant, over random mixes of outcomes: every target yields exactly one result, and each
+callback is called exactly once per target (and on-final once), whatever happened to it."""
+
+from __future__ import annotations
+
+import time
+
+import targets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_callbacks import Recorder
+
+from engine import Engine, TargetCancelledError, TargetTimeoutError, WorkerCrashedError
+
+EXPECTED = {  # outcome -> the exception its result must carry
+    "return": None,
+    "raise": ValueError,
+    "exit": WorkerCrashedError,
+    "kill": WorkerCrashedError,
+    "hang": TargetTimeoutError,
+}
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kinds=st.lists(st.sampled_from(sorted(EXPECTED)), max_size=8),
+       fan=st.booleans(), lazy=st.booleans(),
+       cancel_after=st.none() | st.floats(min_value=0.0, max_value=0.4))
+def test_every_target_yields_one_result_and_each_callback_runs_once(
+        engine: Engine, kinds: list[str], fan: bool, lazy: bool,
+        cancel_after: float | None) -> None:
+    first, second, final = Recorder(), Recorder(), Recorder()
+    work = [(targets.outcome, kind) for kind in kinds]
+    given_targets = iter(work) if lazy else work
+    if fan:
+        cid = engine.fanout(given_targets, on_target=[first, second], on_final=[final],
+                            timeout=0.5)
+    else:
+        cid = engine.invoke(given_targets, callbacks=[first, second], timeout=0.5)
+    if cancel_after is not None:
+        time.sleep(cancel_after)
+        engine.cancel(cid)
+    results = engine.wait(cid, timeout=120)
+
+    assert isinstance(results, list) and len(results) == len(kinds)
+    for index, (kind, result) in enumerate(zip(kinds, results)):
+        assert result.index == index and result.cid == cid
+        if cancel_after is not None and isinstance(result.exception, TargetCancelledError):
+            continue  # cancelled before or while it ran: also exactly one result
+        expected = EXPECTED[kind]
+        assert result.ok is (expected is None), (kind, result.exception)
+        if expected is not None:
+            assert isinstance(result.exception, expected), (kind, result.exception)
+    for recorder in (first, second):
+        assert sorted(p["index"] for p in recorder.payloads) == list(range(len(kinds)))
+    if fan:
+        assert len(final.payloads) == 1
+        assert sorted(p["index"] for p in final.payloads[0]["data"]) == list(range(len(kinds)))
+    else:
+        assert final.payloads == []
