@@ -13,6 +13,7 @@ from ._engine import Engine as Engine
 from ._engine import EngineState as EngineState
 from ._engine import EngineStats as EngineStats
 from ._exceptions import DuplicateCidError as DuplicateCidError
+from ._exceptions import EngineBrokenError as EngineBrokenError
 from ._exceptions import EngineClosedError as EngineClosedError
 from ._exceptions import EngineError as EngineError
 from ._exceptions import InvocationError as InvocationError
@@ -31,6 +32,7 @@ __all__ = [
     "Channel",
     "DuplicateCidError",
     "Engine",
+    "EngineBrokenError",
     "EngineClosedError",
     "EngineError",
     "EngineState",

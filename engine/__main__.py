@@ -78,9 +78,9 @@ def main() -> None:
         results = eng.wait(cid)
 
     assert isinstance(results, list)
-    cpu = [r for r in results[:args.chunks] if r.ok and r.started is not None]
-    busy = sum(r.resp_ts - r.started for r in cpu)  # type: ignore[operator]
-    span = max(r.resp_ts for r in cpu) - min(r.started for r in cpu)  # type: ignore[type-var]
+    cpu = [r for r in results[:args.chunks] if r.ok]
+    busy = sum(r.duration or 0.0 for r in cpu)
+    span = max(r.resp_ts for r in cpu) - min(r.started or r.resp_ts for r in cpu)
     crash = results[args.chunks]
     print(f"\n{len(results)} results for cid {cid}:")
     for result in results:

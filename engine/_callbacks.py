@@ -87,6 +87,10 @@ class CallbackPool:
                     self._threads.append(thread)
                     thread.start()
 
+    def owns_current_thread(self) -> bool:
+        """True on one of this pool's threads: a callback must not wait for its own pool."""
+        return threading.current_thread() in self._threads
+
     def running(self) -> list[str]:
         """Names of the callbacks running now."""
         with self._lock:

@@ -172,6 +172,9 @@ class Engine:
         no worker is left. `cancel` cancels what is queued or running first. After `timeout`
         seconds the rest is cancelled and callbacks still running are abandoned (and logged).
         """
+        if wait and self._callbacks.owns_current_thread():
+            raise RuntimeError("a callback cannot shutdown(wait=True) the engine that runs it: "
+                               "it would wait for itself; use shutdown(wait=False)")
         with self._lock:
             if self._state is EngineState.OPEN:
                 self._state = EngineState.CLOSING

@@ -10,6 +10,7 @@
      └── TargetError                         why a target has no response (Result.exception)
           ├── WorkerCrashedError             its worker process died while running it
           ├── WorkerStartError               no worker process could be started for it
+          ├── EngineBrokenError              the engine itself failed (a bug: see the log)
           ├── TargetTimeoutError (TimeoutError)      it ran past its time limit; its worker was killed
           ├── TargetCancelledError (CancelledError)  cancel() or shutdown(cancel=True) stopped it
           ├── SerializationError             its function, request or response could not be pickled
@@ -96,6 +97,17 @@ class WorkerStartError(TargetError):
     def __init__(self, target: str, reason: str) -> None:
         self.target, self.reason = target, reason
         super().__init__(f"no worker could be started for target {target!r}: {reason}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.target, self.reason)
+
+
+class EngineBrokenError(TargetError):
+    """The engine's own machinery failed, so the target could not run. A bug: it is logged."""
+
+    def __init__(self, target: str, reason: str) -> None:
+        self.target, self.reason = target, reason
+        super().__init__(f"the engine cannot run target {target!r}: {reason}")
 
     def __reduce__(self) -> tuple[object, ...]:
         return type(self), (self.target, self.reason)

@@ -42,8 +42,8 @@ import cloudpickle
 import psutil
 from loky.backend import get_context
 
-from ._exceptions import (RemoteError, SerializationError, TargetError, TargetTimeoutError,
-                          WorkerCrashedError, WorkerStartError)
+from ._exceptions import (EngineBrokenError, RemoteError, SerializationError, TargetError,
+                          TargetTimeoutError, WorkerCrashedError, WorkerStartError)
 from ._result import Outcome
 from ._worker import READY, serve
 
@@ -117,7 +117,10 @@ class TargetPool:
         self._requeued: collections.deque[Task] = collections.deque()
         self._closing = False
         self._consecutive_start_failures = 0
-        self._broken: str | None = None  # why no worker can start; set once, never cleared
+        # Why no target can run, once that is so: the error to fail each with, and its reason.
+        self._broken: tuple[type[WorkerStartError | EngineBrokenError], str] | None = None
+        self._accepting = True  # False once the manager thread has exited
+        self._accepting_lock = threading.Lock()
         self._next_task_id = 0
         self.stats = PoolStats()
         self.pids: tuple[int, ...] = ()  # the live workers' pids, for observers
@@ -127,7 +130,12 @@ class TargetPool:
     # -- the face other threads use: each call is a command to the manager thread --------------
 
     def add_feed(self, feed: Feed) -> None:
-        self._command("feed", feed)
+        with self._accepting_lock:
+            if self._accepting:
+                self._command("feed", feed)
+                return
+        while (task := feed.next_task()) is not None:  # the manager is gone: fail, never hang
+            self._fail(task, self._unrunnable(task))
 
     def kill_running(self, owner: Any, reason: Callable[[Task], TargetError]) -> None:
         """Kill the workers running tasks of `owner`; each such task fails with `reason(task)`."""
@@ -160,13 +168,15 @@ class TargetPool:
                     break  # checked after dispatch: it may have found the last feed exhausted
                 self._wait_for_events()
                 self._expire()
-        except BaseException:  # a bug here must not strand every caller: fail loudly instead
-            logger.critical("engine manager thread failed; failing all pending targets",
+        except BaseException:  # a bug here must not strand any caller: fail loudly instead
+            logger.critical("engine manager thread failed; failing every pending target",
                             exc_info=True)
-            self._broken = "the engine's manager thread failed (see the log)"
-            self._fail_everything()
+            self._broken = (EngineBrokenError, "its manager thread failed (see the log)")
         finally:
+            with self._accepting_lock:
+                self._accepting = False
             self._stop_workers()
+            self._fail_everything()  # what was running, queued, or sent after the failure
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -240,9 +250,10 @@ class TargetPool:
         self._consecutive_start_failures += 1
         logger.error("engine worker failed to start: %s", reason)
         if self._consecutive_start_failures >= _MAX_START_FAILURES and self._broken is None:
-            self._broken = (f"{self._consecutive_start_failures} worker processes in a row failed "
-                            f"to start; the last: {reason}")
-            logger.error("engine stops starting workers: %s", self._broken)
+            why = (f"{self._consecutive_start_failures} worker processes in a row failed to "
+                   f"start; the last: {reason}")
+            self._broken = (WorkerStartError, why)
+            logger.error("engine stops starting workers: %s", why)
 
     def _receive(self, worker: _Worker) -> bool:
         """Handle one message from `worker`; False if its pipe is closed (it is dead)."""
@@ -270,7 +281,6 @@ class TargetPool:
         if worker.task is None or worker not in self._workers:
             return  # the outcome won the race against the deadline or the cancellation
         _kill_tree(worker.process.pid)
-        worker.process.join(_STOP_GRACE)
         self._reap(worker, reason)
 
     def _drain(self, worker: _Worker) -> None:
@@ -288,10 +298,7 @@ class TargetPool:
         self._workers.remove(worker)
         if worker in self._idle:
             self._idle.remove(worker)
-        worker.process.join(_STOP_GRACE)
-        exitcode = worker.process.exitcode
-        for conn in (worker.tasks, worker.outcomes):
-            conn.close()
+        exitcode = _release(worker)
         self._publish_pids()
         if worker.state is WorkerState.STARTING:
             self._start_failed(f"worker {worker.pid} exited before it was ready, with exit code "
@@ -317,7 +324,12 @@ class TargetPool:
                 self._kill(worker, TargetTimeoutError(task.target, task.timeout or 0.0, worker.pid))
 
     def _stop_workers(self) -> None:
+        """Stop every worker; a target still running on one (only if the manager failed) is
+        requeued, to be failed with the reason."""
         for worker in self._workers:
+            if worker.task is not None:
+                self._requeued.append(worker.task)
+                _kill_tree(worker.process.pid)
             try:
                 worker.tasks.send_bytes(b"")
             except OSError:
@@ -327,9 +339,7 @@ class TargetPool:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.exitcode is None:
                 _kill_tree(worker.process.pid)
-                worker.process.join(_STOP_GRACE)
-            for conn in (worker.tasks, worker.outcomes):
-                conn.close()
+            _release(worker)
         self._workers.clear()
         self._idle.clear()
         self._publish_pids()
@@ -366,9 +376,8 @@ class TargetPool:
             request = cloudpickle.dumps(task.request, protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:
             self._idle.append(worker)
-            error = SerializationError(task.target, "request", f"{type(exc).__name__}: {exc}")
-            self._deliver_safely(task, Outcome.failure(error, started=None, finished=time.time(),
-                                                       pid=None))
+            self._fail(task, SerializationError(task.target, "request",
+                                                f"{type(exc).__name__}: {exc}"))
             return
         self._next_task_id += 1
         message = pickle.dumps([(self._next_task_id, task.fn_blob, request, task.context)],
@@ -382,12 +391,24 @@ class TargetPool:
         worker.deadline = None if task.timeout is None else time.monotonic() + task.timeout
 
     def _fail_everything(self) -> None:
-        """No worker can run anything: every waiting task fails now rather than wait forever."""
-        reason = self._broken or "the engine is broken"
+        """Nothing can run: every waiting task fails now rather than wait forever."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "feed":
+                self._feeds.append(command[1])
         while (task := self._next_task()) is not None:
-            error = WorkerStartError(task.target, reason)
-            self._deliver_safely(task, Outcome.failure(error, started=None, finished=time.time(),
-                                                       pid=None))
+            self._fail(task, self._unrunnable(task))
+
+    def _unrunnable(self, task: Task) -> TargetError:
+        error, reason = self._broken or (EngineBrokenError, "it is shut down")
+        return error(task.target, reason)
+
+    def _fail(self, task: Task, error: TargetError) -> None:
+        self._deliver_safely(task, Outcome.failure(error, started=None, finished=time.time(),
+                                                   pid=None))
 
     def _deliver_safely(self, task: Task, outcome: Outcome) -> None:
         try:
@@ -408,6 +429,15 @@ def _outcome(task: Task, pid: int | None, ok: bool, body: bytes, text: str | Non
             return Outcome.failure(error, started=started, finished=finished, pid=pid)
         value = RemoteError("unknown", detail, text or "")
     return Outcome(ok, value, text, started, finished, pid)
+
+
+def _release(worker: _Worker) -> int | None:
+    """Reap a worker that has exited or been killed, close its pipes; its exit code."""
+    worker.process.join(_STOP_GRACE)
+    exitcode: int | None = worker.process.exitcode
+    for conn in (worker.tasks, worker.outcomes):
+        conn.close()
+    return exitcode
 
 
 def _kill_tree(pid: int | None) -> None:

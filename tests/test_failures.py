@@ -140,3 +140,30 @@ def test_an_idle_worker_killed_from_outside_is_replaced(engine: Engine) -> None:
         time.sleep(0.05)
     results = engine.wait(engine.invoke([(targets.double, i) for i in range(6)]), timeout=30)
     assert all(r.ok for r in results)
+
+
+def test_a_failure_of_the_engine_itself_fails_every_target_instead_of_hanging(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from engine import EngineBrokenError
+    from engine._pool import TargetPool
+
+    original = TargetPool._receive
+    broken = threading.Event()
+
+    def receive_then_fail(self: TargetPool, worker: Any) -> bool:
+        if broken.is_set():
+            raise RuntimeError("injected bug in the manager thread")
+        return original(self, worker)
+
+    monkeypatch.setattr(TargetPool, "_receive", receive_then_fail)
+    with Engine(workers=2) as eng:
+        eng.wait(eng.invoke([(targets.echo, 0)] * 2), timeout=30)
+        pids = eng.stats().worker_pids
+        broken.set()
+        cid = eng.invoke([(targets.sleep, 0.2)] * 2 + [(targets.double, 1)] * 3)
+        results = eng.wait(cid, timeout=30)
+        assert all(isinstance(r.exception, EngineBrokenError) for r in results)
+        later = eng.wait(eng.invoke({targets.double: 2}), timeout=30)[targets.double]
+        assert isinstance(later.exception, EngineBrokenError)
+    assert "injected bug" in caplog.text
+    assert not wait_gone(pids)

@@ -98,6 +98,24 @@ def test_shutdown_timeout_abandons_a_hanging_callback_and_names_it(
         release.set()
 
 
+def test_a_callback_may_start_a_shutdown_but_not_wait_for_it() -> None:
+    errors: list[BaseException] = []
+    eng = Engine(workers=1)
+
+    def stop(_: dict) -> None:
+        try:
+            eng.shutdown(wait=True)
+        except RuntimeError as exc:
+            errors.append(exc)
+        eng.shutdown(wait=False)
+
+    cid = eng.invoke([(targets.double, 1), (targets.sleep, 0.3)], callbacks=[stop])
+    eng.shutdown(wait=True)  # returns once the shutdown the callback began is complete
+    assert eng.stats().state is EngineState.CLOSED
+    assert len(errors) == 2 and "wait for itself" in str(errors[0])
+    assert all(r.ok for r in eng.wait(cid, timeout=1))
+
+
 def start_script(tmp_path: Path, body: str) -> tuple[subprocess.Popen[str], list[int]]:
     """Start a script that prints its worker pids on its first line, then does `body`."""
     script = tmp_path / "job.py"
