@@ -18,7 +18,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
 
 import loky
 

@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=None, help="worker processes (CPUs)")
     parser.add_argument("--chunks", type=int, default=8, help="CPU-heavy targets to run")
-    parser.add_argument("--size", type=int, default=150_000, help="numbers per chunk")
+    parser.add_argument("--size", type=int, default=100_000, help="numbers per chunk")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR, format="  log: %(message)s")
 
@@ -74,7 +74,7 @@ def main() -> None:
         print(f"engine demo: {len(work)} targets on {workers} worker processes, each reported "
               f"as it lands")
         cid = eng.fanout(work, on_target=[report], on_final=[summarize], source="demo",
-                         timeout=3)
+                         timeout=5)
         results = eng.wait(cid)
 
     assert isinstance(results, list)

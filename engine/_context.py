@@ -11,7 +11,7 @@ import dataclasses
 import enum
 
 
-class Channel(str, enum.Enum):
+class Channel(enum.StrEnum):
     """The channel names of the parallel-execution pattern (DESIGN.md section 4)."""
 
     PARALLEL_EXEC_CALL = "parallel-exec-call"  #: a target started by `Engine.invoke`
@@ -19,9 +19,6 @@ class Channel(str, enum.Enum):
     PARALLEL_EXEC_ON_TARGET = "parallel-exec-on-target"  #: a callback of `invoke`
     FANOUT_ON_TARGET = "fanout-on-target"  #: an on-target callback of `fanout`
     FANOUT_ON_FINAL = "fanout-on-final"  #: an on-final (fan-in) callback of `fanout`
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -15,7 +15,8 @@ import uuid
 import weakref
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Callable, TypeVar, overload
+from typing import Any, TypeVar, overload
+from collections.abc import Callable
 
 from ._callbacks import CallbackPool
 from ._context import Channel
@@ -146,7 +147,7 @@ class Engine:
 
     def cancel(self, cid: str) -> bool:
         """Cancel `cid`: queued targets never start, running ones are killed; each gets a
-        `TargetCancelledError` result and its callbacks still run. False if it had every result already."""
+        `TargetCancelledError` result and its callbacks still run. False if nothing was left."""
         invocation = self._lookup(cid)
         if invocation.phase is not Phase.RUNNING:
             return False

@@ -11,7 +11,7 @@
           ├── WorkerCrashedError             its worker process died while running it
           ├── WorkerStartError               no worker process could be started for it
           ├── EngineBrokenError              the engine itself failed (a bug: see the log)
-          ├── TargetTimeoutError (TimeoutError)      it ran past its time limit; its worker was killed
+          ├── TargetTimeoutError (TimeoutError)      it ran past its time limit; worker killed
           ├── TargetCancelledError (CancelledError)  cancel() or shutdown(cancel=True) stopped it
           ├── SerializationError             its function, request or response could not be pickled
           └── RemoteError                    it raised an exception that could not be pickled back
@@ -40,7 +40,8 @@ class UnknownNameError(InvocationError, LookupError):
     def __init__(self, kind: str, name: str, suggestions: list[str] | tuple[str, ...] = (),
                  reason: str = "") -> None:
         self.kind, self.name, self.suggestions, self.reason = kind, name, tuple(suggestions), reason
-        hint = f"; did you mean {', '.join(map(repr, self.suggestions))}?" if self.suggestions else ""
+        close = ", ".join(map(repr, self.suggestions))
+        hint = f"; did you mean {close}?" if close else ""
         why = f" ({reason})" if reason else ""
         super().__init__(f"unknown {kind} {name!r}{why}{hint}")
 
@@ -118,7 +119,8 @@ class TargetTimeoutError(TargetError, TimeoutError):
 
     def __init__(self, target: str, timeout: float, pid: int | None) -> None:
         self.target, self.timeout, self.pid = target, timeout, pid
-        super().__init__(f"target {target!r} timed out after {timeout:g} s; worker {pid} was killed")
+        super().__init__(f"target {target!r} timed out after {timeout:g} s; "
+                         f"worker {pid} was killed")
 
     def __reduce__(self) -> tuple[object, ...]:
         return type(self), (self.target, self.timeout, self.pid)

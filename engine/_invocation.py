@@ -9,7 +9,8 @@ import pickle
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import cloudpickle
 
@@ -84,8 +85,7 @@ class Invocation:
                 except Exception as exc:  # a lazily given bad target fails on its own
                     name, fn_blob = self._name(target), exc
                 if isinstance(fn_blob, BaseException):
-                    self.record(index, name, Outcome.failure(fn_blob, started=None,
-                                                             finished=time.time(), pid=None))
+                    self.record(index, name, Outcome.failure(fn_blob))
                     continue
                 context = (self.channel.value, self.cid, self.source, name, index)
                 return Task(self, index, name, fn_blob, request, self.timeout, context)
@@ -94,18 +94,22 @@ class Invocation:
     def _pull(self) -> tuple[int, Any, Any] | None:
         """The next (index, target, request), or None once the input is exhausted."""
         while True:
+            index = self._pulled
             try:
                 item = next(self._items)
             except StopIteration:
-                self._set_total(self._pulled)
+                self._set_total(index)
                 return None
-            index = self._pulled
+            except Exception as exc:  # the caller's iterator broke: that ends the input
+                self._pulled += 1
+                self.record(index, "<targets iterator>", Outcome.failure(exc))
+                self._set_total(index + 1)
+                return None
             self._pulled += 1
             if isinstance(item, tuple) and len(item) == 2:
                 return index, item[0], item[1]
             error = TypeError(f"targets[{index}] must be a (target, request) pair, not {item!r}")
-            self.record(index, repr(item), Outcome.failure(error, started=None,
-                                                           finished=time.time(), pid=None))
+            self.record(index, repr(item), Outcome.failure(error))
 
     def resolve(self, target: Any) -> tuple[str, bytes | SerializationError]:
         """The target's name and pickled function, or why it won't pickle (which fails only
@@ -139,9 +143,7 @@ class Invocation:
             while (pulled := self._pull()) is not None:
                 index, target, _ = pulled
                 name = self._name(target)
-                self.record(index, name, Outcome.failure(TargetCancelledError(name, running=False),
-                                                         started=None, finished=time.time(),
-                                                         pid=None))
+                self.record(index, name, Outcome.failure(TargetCancelledError(name, running=False)))
 
     # -- results and callbacks (any thread) ------------------------------------------------------
 
@@ -232,7 +234,7 @@ class Invocation:
         with self._cond:
             ordered = [self.results[i] for i in range(len(self.results))]
         if self._keys is not None:
-            return dict(zip(self._keys, ordered))
+            return dict(zip(self._keys, ordered, strict=True))
         return ordered
 
     def stream(self, timeout: float | None) -> Iterator[Result]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from ._exceptions import UnknownNameError
 

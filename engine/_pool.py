@@ -7,7 +7,7 @@
     add_feed / kill / close ──►  commands (SimpleQueue) + wake-up pipe
                                   │ waits on, never polls:
                                   │   the wake-up pipe
-                                  │   each worker's outcome pipe  ◄─────────── one message per target
+                                  │   each worker's outcome pipe  ◄─────────── a message per target
                                   │   each worker's sentinel      ◄─────────── the process exits
                                   │   the nearest target deadline
                                   │ sends a task to an idle worker ──────────► its own task pipe
@@ -22,6 +22,8 @@ Invariants:
   has none (crash, timeout, cancellation, pickling). A task whose worker died before it was sent
   is requeued, not failed: it never ran.
 * Requests are pickled only when sent, so memory holds the work in flight, not the invocation.
+* If the manager thread itself fails (a bug), every running, queued and later task fails with
+  `EngineBrokenError` rather than leave a caller waiting.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import queue
 import threading
 import time
 from multiprocessing.connection import Connection, wait
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 import cloudpickle
 import psutil
@@ -313,8 +316,7 @@ class TargetPool:
         if reason is None:
             reason = WorkerCrashedError(task.target, worker.pid, exitcode)
             logger.warning("%s", reason)
-        self._deliver_safely(task, Outcome.failure(reason, started=worker.started,
-                                                   finished=time.time(), pid=worker.pid))
+        self._deliver_safely(task, Outcome.failure(reason, started=worker.started, pid=worker.pid))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -407,8 +409,7 @@ class TargetPool:
         return error(task.target, reason)
 
     def _fail(self, task: Task, error: TargetError) -> None:
-        self._deliver_safely(task, Outcome.failure(error, started=None, finished=time.time(),
-                                                   pid=None))
+        self._deliver_safely(task, Outcome.failure(error))
 
     def _deliver_safely(self, task: Task, outcome: Outcome) -> None:
         try:

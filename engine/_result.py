@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import time
 import traceback as traceback_module
 from typing import Any, Literal
 
@@ -12,7 +13,7 @@ TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 def utc_timestamp(epoch: float) -> str:
     """``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC, the payload's timestamp format."""
-    return datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc).strftime(TIMESTAMP_FORMAT)
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime(TIMESTAMP_FORMAT)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -27,11 +28,11 @@ class Outcome:
     pid: int | None  #: the worker that ran it
 
     @classmethod
-    def failure(cls, exc: BaseException, *, started: float | None, finished: float,
-                pid: int | None) -> Outcome:
+    def failure(cls, exc: BaseException, *, started: float | None = None,
+                finished: float | None = None, pid: int | None = None) -> Outcome:
         """A failure the engine itself diagnosed (crash, timeout, cancellation, pickling)."""
         text = "".join(traceback_module.format_exception_only(type(exc), exc))
-        return cls(False, exc, text, started, finished, pid)
+        return cls(False, exc, text, started, time.time() if finished is None else finished, pid)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import cloudpickle
 from tblib import pickling_support

@@ -1,4 +1,5 @@
-"""invoke/fanout/wait as a user calls them: where targets run, what comes back, what callbacks see."""
+"""invoke/fanout/wait as a user calls them: where targets run, what comes back, what callbacks
+see."""
 
 from __future__ import annotations
 
@@ -82,13 +83,17 @@ def test_lambdas_and_closures_work_as_targets_and_callbacks(engine: Engine) -> N
 def test_functions_defined_in_a_scripts_main_work(tmp_path: Path) -> None:
     script = tmp_path / "batch.py"
     script.write_text(textwrap.dedent("""
+        import threading
         from engine import Engine
+
+        lock = threading.Lock()
 
         def square(x):
             return x * x
 
         def report(payload):
-            print("callback", payload["target"], payload["response"])
+            with lock:  # callbacks run concurrently
+                print("callback", payload["target"], payload["response"])
 
         if __name__ == "__main__":
             with Engine(workers=2) as eng:

@@ -43,7 +43,7 @@ def test_every_target_yields_one_result_and_each_callback_runs_once(
     results = engine.wait(cid, timeout=120)
 
     assert isinstance(results, list) and len(results) == len(kinds)
-    for index, (kind, result) in enumerate(zip(kinds, results)):
+    for index, (kind, result) in enumerate(zip(kinds, results, strict=True)):
         assert result.index == index and result.cid == cid
         if cancel_after is not None and isinstance(result.exception, TargetCancelledError):
             continue  # cancelled before or while it ran: also exactly one result

@@ -129,3 +129,17 @@ def test_all_is_sorted_and_complete() -> None:
     public = {name for name in dir(engine_module) if not name.startswith("_")}
     assert engine_module.__all__ == sorted(engine_module.__all__)
     assert public == set(engine_module.__all__)
+
+
+def test_a_lazy_iterator_that_raises_ends_the_input_with_a_failed_result(engine: Engine) -> None:
+    def records():
+        yield targets.double, 1
+        raise RuntimeError("the source broke")
+
+    seen: list[dict] = []
+    cid = engine.fanout(records(), on_final=[seen.append])
+    good, broken = engine.wait(cid, timeout=30)
+    assert good.ok and good.response == 2
+    assert isinstance(broken.exception, RuntimeError) and broken.target == "<targets iterator>"
+    assert len(seen) == 1 and len(seen[0]["data"]) == 2
+    assert engine.wait(engine.invoke({targets.double: 3}), timeout=30)[targets.double].ok
