@@ -17,6 +17,7 @@ from ._exceptions import EngineBrokenError as EngineBrokenError
 from ._exceptions import EngineClosedError as EngineClosedError
 from ._exceptions import EngineError as EngineError
 from ._exceptions import InvocationError as InvocationError
+from ._exceptions import MemoryLimitError as MemoryLimitError
 from ._exceptions import RemoteError as RemoteError
 from ._exceptions import SerializationError as SerializationError
 from ._exceptions import TargetCancelledError as TargetCancelledError
@@ -38,6 +39,7 @@ __all__ = [
     "EngineState",
     "EngineStats",
     "InvocationError",
+    "MemoryLimitError",
     "RemoteError",
     "Result",
     "SerializationError",

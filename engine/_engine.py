@@ -8,6 +8,7 @@ import dataclasses
 import enum
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from ._context import Channel
 from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledError
 from ._invocation import Invocation, NamedCallback, Phase
 from ._names import Registry
-from ._pool import Task, TargetPool
+from ._pool import Limits, Task, TargetPool
 from ._result import Outcome, Result
 
 logger = logging.getLogger("engine")
@@ -49,7 +50,9 @@ class EngineStats:
     worker_pids: tuple[int, ...]
     workers_started: int
     worker_deaths: int  #: workers lost while running a target: crashes, timeouts, cancellations
+    workers_recycled: int  #: healthy workers replaced: max_tasks_per_worker, memory limit
     worker_start_failures: int
+    retries: int  #: attempts run again
     invocations_active: int
     callbacks_submitted: int
     callbacks_succeeded: int
@@ -67,18 +70,28 @@ class Engine:
 
     ``Engine(workers=None, callback_workers=None, timeout=None)``: `workers` processes (default:
     the usable CPUs), up to `callback_workers` callback threads (default: CPUs + 4, at most 32)
-    or any `callback_executor`, and a default per-target time limit in seconds.
+    or any `callback_executor`, and a default per-target time limit in seconds. A worker is
+    replaced after `max_tasks_per_worker` targets, or once its resident memory passes
+    `max_memory_per_worker` (bytes or ``"512MB"``; a target growing past it is killed).
+    `retries` runs a target again after a crash or a timeout, and after the exceptions in
+    `retry_on`.
     """
 
     def __init__(self, workers: int | None = None, callback_workers: int | None = None,
                  timeout: float | None = None, *, source: str | None = None,
                  callback_executor: concurrent.futures.Executor | None = None,
+                 max_tasks_per_worker: int | None = None,
+                 max_memory_per_worker: int | str | None = None,
+                 retries: int = 0, retry_on: tuple[type[BaseException], ...] = (),
                  history: int = 1024) -> None:
         workers = _default_workers() if workers is None else workers
-        if not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a positive int, not {workers!r}")
+        _check_count("workers", workers, minimum=1)
+        if max_tasks_per_worker is not None:
+            _check_count("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
         _check_timeout(timeout)
+        _check_retries(retries, retry_on)
         self._default_timeout = timeout
+        self._default_retries = (retries, retry_on)
         self._default_source = source
         self._history = history
         self._registry = Registry()
@@ -89,7 +102,8 @@ class Engine:
         self._closer: threading.Thread | None = None
         self._callbacks = CallbackPool(callback_workers or min(32, _default_workers() + 4),
                                        callback_executor)
-        self._pool = TargetPool(workers, self._deliver)
+        memory = None if max_memory_per_worker is None else parse_bytes(max_memory_per_worker)
+        self._pool = TargetPool(workers, self._deliver, Limits(max_tasks_per_worker, memory))
         _live_engines.add(self)
 
     # -- services --------------------------------------------------------------------------------
@@ -112,22 +126,26 @@ class Engine:
     # -- invocations -----------------------------------------------------------------------------
 
     def invoke(self, targets: Targets, callbacks: Callbacks = None, cid: str | None = None,
-               source: str | None = None, timeout: float | None = None) -> str:
+               source: str | None = None, timeout: float | None = None,
+               retries: int | None = None,
+               retry_on: tuple[type[BaseException], ...] | None = None) -> str:
         """Run every target in parallel; call each callback once per target; return the CID.
 
         `targets` is ``{target: request}``, or ``(target, request)`` pairs to run one target
         many times (an iterator is pulled lazily, as workers free up). A target is a callable,
-        a registered name or ``"package.module:function"``. `timeout` limits each target's run.
+        a registered name or ``"package.module:function"``. `timeout` limits each target's run;
+        it, `retries` and `retry_on` default to the engine's.
         """
         return self._start(targets, Channel.PARALLEL_EXEC_CALL, callbacks, None, cid,
-                           source, timeout)
+                           source, timeout, retries, retry_on)
 
     def fanout(self, targets: Targets, on_target: Callbacks = None, on_final: Callbacks = None,
                cid: str | None = None, source: str | None = None,
-               timeout: float | None = None) -> str:
+               timeout: float | None = None, retries: int | None = None,
+               retry_on: tuple[type[BaseException], ...] | None = None) -> str:
         """`invoke`, plus `on_final` callbacks run once, after every target has its result."""
         return self._start(targets, Channel.FANOUT_CALL, on_target, on_final, cid, source,
-                           timeout)
+                           timeout, retries, retry_on)
 
     def wait(self, cid: str, timeout: float | None = None) -> dict[Any, Result] | list[Result]:
         """Block until every target of `cid` has its result and every callback has finished.
@@ -160,8 +178,9 @@ class Engine:
         with self._lock:
             active = len(self._active)
         return EngineStats(self._state, self._pool.pids, pool.workers_started, pool.worker_deaths,
-                           pool.start_failures, active, callbacks.submitted, callbacks.succeeded,
-                           callbacks.failed, callbacks.backlog, callbacks.max_lag)
+                           pool.workers_recycled, pool.start_failures, pool.retries, active,
+                           callbacks.submitted, callbacks.succeeded, callbacks.failed,
+                           callbacks.backlog, callbacks.max_lag)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -206,12 +225,16 @@ class Engine:
 
     def _start(self, targets: Targets, channel: Channel, on_target: Callbacks,
                on_final: Callbacks, cid: str | None, source: str | None,
-               timeout: float | None) -> str:
+               timeout: float | None, retries: int | None,
+               retry_on: tuple[type[BaseException], ...] | None) -> str:
         if self._state is not EngineState.OPEN:
             raise EngineClosedError("the engine is shut down; it accepts no invocations")
         if cid is not None and (not isinstance(cid, str) or not cid):
             raise TypeError(f"cid must be a non-empty str, not {cid!r}")
         _check_timeout(timeout)
+        retries = self._default_retries[0] if retries is None else retries
+        retry_on = self._default_retries[1] if retry_on is None else retry_on
+        _check_retries(retries, retry_on)
         callbacks_on_target = self._resolve_callbacks(on_target)
         callbacks_on_final = self._resolve_callbacks(on_final)
         items, total, keys = _normalize(targets)
@@ -220,6 +243,7 @@ class Engine:
             source=source or self._default_source or _caller_module(),
             channel=channel, items=iter(items), total=total, keys=keys, registry=self._registry,
             timeout=self._default_timeout if timeout is None else timeout,
+            retries=retries, retry_on=retry_on,
             on_target=callbacks_on_target, on_final=callbacks_on_final,
             callbacks=self._callbacks, retire=self._retire)
         if total is not None:  # bad input fails here, before anything starts
@@ -245,7 +269,7 @@ class Engine:
         return [self._registry.resolve(callback, "callback") for callback in callbacks]
 
     def _deliver(self, task: Task, outcome: Outcome) -> None:
-        task.owner.record(task.index, task.target, outcome)
+        task.owner.record(task.index, task.target, outcome, task.attempt)
 
     def _retire(self, invocation: Invocation) -> None:
         with self._lock:
@@ -306,6 +330,34 @@ def _normalize(targets: Targets) -> tuple[Iterable[Any], int | None, list[Any] |
                                 f"not {item!r}")
         return items, len(items), None
     return targets, None, None
+
+
+def _check_count(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int of at least {minimum}, not {value!r}")
+
+
+def _check_retries(retries: int, retry_on: tuple[type[BaseException], ...]) -> None:
+    _check_count("retries", retries, minimum=0)
+    if not isinstance(retry_on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in retry_on):
+        raise TypeError(f"retry_on must be a tuple of exception classes, not {retry_on!r}")
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(size: int | str) -> int:
+    """``"512MB"`` -> 512_000_000, ``"1.5GiB"`` -> 1_610_612_736; an int is bytes already."""
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    if isinstance(size, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", size)
+        if match and match.group(2).lower() in _UNITS and float(match.group(1)) > 0:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise ValueError(f"a memory size must be a positive number of bytes or a string such as "
+                     f"'512MB' or '2GiB', not {size!r}")
 
 
 def _check_timeout(timeout: float | None) -> None:

@@ -12,6 +12,7 @@
           ├── WorkerStartError               no worker process could be started for it
           ├── EngineBrokenError              the engine itself failed (a bug: see the log)
           ├── TargetTimeoutError (TimeoutError)      it ran past its time limit; worker killed
+          ├── MemoryLimitError (MemoryError)         its worker grew past the memory limit; killed
           ├── TargetCancelledError (CancelledError)  cancel() or shutdown(cancel=True) stopped it
           ├── SerializationError             its function, request or response could not be pickled
           └── RemoteError                    it raised an exception that could not be pickled back
@@ -124,6 +125,18 @@ class TargetTimeoutError(TargetError, TimeoutError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return type(self), (self.target, self.timeout, self.pid)
+
+
+class MemoryLimitError(TargetError, MemoryError):
+    """The target's worker grew past `max_memory_per_worker` while running it, and was killed."""
+
+    def __init__(self, target: str, limit: int, rss: int, pid: int | None) -> None:
+        self.target, self.limit, self.rss, self.pid = target, limit, rss, pid
+        super().__init__(f"target {target!r} ran out of its memory limit: worker {pid} used "
+                         f"{rss:,} bytes, over the limit of {limit:,}, and was killed")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return type(self), (self.target, self.limit, self.rss, self.pid)
 
 
 class TargetCancelledError(TargetError, concurrent.futures.CancelledError):

@@ -47,12 +47,13 @@ class Invocation:
 
     def __init__(self, *, cid: str, source: str, channel: Channel, items: Iterator[Any],
                  total: int | None, keys: Sequence[Any] | None, registry: Registry,
-                 timeout: float | None,
+                 timeout: float | None, retries: int, retry_on: tuple[type[BaseException], ...],
                  on_target: list[NamedCallback], on_final: list[NamedCallback],
                  callbacks: CallbackPool, retire: Callable[[Invocation], None]) -> None:
         self.cid, self.source, self.channel = cid, source, channel
         self.req_ts = time.time()
         self.timeout = timeout
+        self.retries, self.retry_on = retries, retry_on
         self.on_target, self.on_final = on_target, on_final
         self._items = items  # (target, request) pairs, pulled only as workers free up
         self._keys = keys  # the mapping's keys, for wait(); None for pairs
@@ -88,7 +89,8 @@ class Invocation:
                     self.record(index, name, Outcome.failure(fn_blob))
                     continue
                 context = (self.channel.value, self.cid, self.source, name, index)
-                return Task(self, index, name, fn_blob, request, self.timeout, context)
+                return Task(self, index, name, fn_blob, request, self.timeout, context,
+                            self.retries, self.retry_on)
             return None
 
     def _pull(self) -> tuple[int, Any, Any] | None:
@@ -147,14 +149,15 @@ class Invocation:
 
     # -- results and callbacks (any thread) ------------------------------------------------------
 
-    def record(self, index: int, target: str, outcome: Outcome) -> None:
+    def record(self, index: int, target: str, outcome: Outcome, attempts: int = 1) -> None:
         """Record a target's only result and queue its callbacks; never waits on them."""
         result = Result(self.cid, target, index, outcome.ok,
                         outcome.value if outcome.ok else None,
                         None if outcome.ok else outcome.value,
                         None if outcome.ok else outcome.traceback,
-                        self.req_ts, outcome.finished, outcome.started, outcome.pid)
-        payload = result.payload(self.source) if self.on_target or self.on_final else None
+                        self.req_ts, outcome.finished, outcome.started, outcome.pid, attempts)
+        payload = result.payload(self.source, with_attempts=self.retries > 0) \
+            if self.on_target or self.on_final else None
         with self._cond:
             if index in self.results:
                 logger.error("engine got a second result for target %d of cid %s; ignored",

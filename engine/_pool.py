@@ -45,8 +45,9 @@ import cloudpickle
 import psutil
 from loky.backend import get_context
 
-from ._exceptions import (EngineBrokenError, RemoteError, SerializationError, TargetError,
-                          TargetTimeoutError, WorkerCrashedError, WorkerStartError)
+from ._exceptions import (EngineBrokenError, MemoryLimitError, RemoteError, SerializationError,
+                          TargetCancelledError, TargetError, TargetTimeoutError,
+                          WorkerCrashedError, WorkerStartError)
 from ._result import Outcome
 from ._worker import READY, serve
 
@@ -60,13 +61,25 @@ _STOP_GRACE = 2.0  # seconds a worker gets to exit after being told to stop
 class Task:
     """One target to run: what the worker needs, plus its owner for the engine's bookkeeping."""
 
-    owner: Any  #: the invocation it belongs to (opaque to the pool)
+    owner: Any  #: the invocation it belongs to; the pool reads only its `cancelled`
     index: int
     target: str
     fn_blob: bytes
     request: Any
     timeout: float | None
     context: tuple[Any, ...]  #: the worker's CallContext, as a plain tuple
+    retries: int = 0  #: further attempts allowed after a crash or a timeout
+    retry_on: tuple[type[BaseException], ...] = ()  #: raised exceptions that are retried too
+    attempt: int = 1
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """When a worker is replaced although it is healthy."""
+
+    max_tasks_per_worker: int | None = None
+    max_memory_per_worker: int | None = None  #: bytes of resident memory
+    memory_check_interval: float = 0.1  #: seconds between checks of a busy worker's memory
 
 
 class Feed(Protocol):
@@ -86,7 +99,8 @@ class WorkerState(enum.Enum):
 
 
 class _Worker:
-    __slots__ = ("process", "tasks", "outcomes", "pid", "state", "task", "started", "deadline")
+    __slots__ = ("process", "tasks", "outcomes", "pid", "state", "task", "started", "deadline",
+                 "tasks_run", "last_rss", "growth")
 
     def __init__(self, process: Any, tasks: Connection, outcomes: Connection) -> None:
         self.process, self.tasks, self.outcomes = process, tasks, outcomes
@@ -95,27 +109,42 @@ class _Worker:
         self.task: Task | None = None
         self.started = 0.0  # epoch seconds when `task` was sent
         self.deadline: float | None = None  # monotonic seconds
+        self.tasks_run = 0
+        self.last_rss: int | None = None  # at the last memory check of the running task
+        self.growth = 0  # consecutive checks that found it over the limit and growing
+
+    def rss(self) -> int:
+        """Resident memory in bytes, 0 if it cannot be read (the process is going)."""
+        try:
+            return int(psutil.Process(self.pid).memory_info().rss)
+        except (psutil.Error, ValueError):
+            return 0
 
 
 @dataclasses.dataclass(slots=True)
 class PoolStats:
     workers_started: int = 0
     worker_deaths: int = 0  #: workers that died or were killed while running a target
+    workers_recycled: int = 0  #: healthy workers replaced: task count or memory limit
     start_failures: int = 0
+    retries: int = 0  #: attempts run again after a crash, a timeout or a retried exception
 
 
 class TargetPool:
     """Runs tasks from feeds on `size` worker processes; see the module docstring."""
 
-    def __init__(self, size: int, deliver: Deliver) -> None:
+    def __init__(self, size: int, deliver: Deliver, limits: Limits = Limits()) -> None:
         self._size = size
         self._deliver = deliver
+        self._limits = limits
         self._context = get_context("loky")  # fork+exec: safe with threads, on 3.14 as well
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._workers: list[_Worker] = []
         self._idle: list[_Worker] = []
+        self._retiring: list[_Worker] = []  # told to stop, not yet exited; not counted in size
+        self._next_memory_check = 0.0  # monotonic seconds
         self._feeds: collections.deque[Feed] = collections.deque()
         self._requeued: collections.deque[Task] = collections.deque()
         self._closing = False
@@ -206,11 +235,15 @@ class TargetPool:
 
     def _wait_for_events(self) -> None:
         deadlines = [w.deadline for w in self._workers if w.deadline is not None]
+        if self._limits.max_memory_per_worker is not None and self._has_work():
+            deadlines.append(self._next_memory_check)
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
         by_handle: dict[Any, tuple[str, _Worker]] = {}
         for worker in self._workers:
             by_handle[worker.outcomes] = ("outcome", worker)
             by_handle[worker.process.sentinel] = ("exit", worker)
+        for worker in self._retiring:
+            by_handle[worker.process.sentinel] = ("retired", worker)
         ready = wait([self._wake_r, *by_handle], timeout)
         exits = []
         for handle in ready:
@@ -218,7 +251,10 @@ class TargetPool:
                 os.read(self._wake_r, 4096)
                 continue
             kind, worker = by_handle[handle]
-            if kind == "exit" or (worker in self._workers and not self._receive(worker)):
+            if kind == "retired":
+                self._retiring.remove(worker)
+                _release(worker)
+            elif kind == "exit" or (worker in self._workers and not self._receive(worker)):
                 exits.append(worker)  # reaped after the outcomes: a worker may send, then exit
         for worker in exits:
             if worker in self._workers:
@@ -274,9 +310,42 @@ class TargetPool:
         task = worker.task
         assert task is not None, "an outcome came from a worker that runs nothing"
         worker.task, worker.deadline, worker.state = None, None, WorkerState.IDLE
-        self._idle.append(worker)
-        self._deliver_safely(task, _outcome(task, worker.pid, *rest))
+        worker.tasks_run += 1
+        outcome = _outcome(task, worker.pid, *rest)
+        if outcome.ok or not isinstance(outcome.value, task.retry_on) or not self._retry(task):
+            self._deliver_safely(task, outcome)
+        if self._worn_out(worker):
+            self._retire(worker)
+        else:
+            self._idle.append(worker)
         return True
+
+    def _retry(self, task: Task) -> bool:
+        """Queue another attempt of `task` (first in line), if it has one left."""
+        if task.attempt > task.retries:
+            return False
+        task.attempt += 1
+        self.stats.retries += 1
+        self._requeued.appendleft(task)
+        return True
+
+    def _worn_out(self, worker: _Worker) -> bool:
+        limits = self._limits
+        return (limits.max_tasks_per_worker is not None
+                and worker.tasks_run >= limits.max_tasks_per_worker) or \
+               (limits.max_memory_per_worker is not None
+                and worker.rss() > limits.max_memory_per_worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Replace a healthy worker: it is told to stop, and reaped when it has exited."""
+        self._workers.remove(worker)
+        self._retiring.append(worker)
+        self.stats.workers_recycled += 1
+        self._publish_pids()
+        try:
+            worker.tasks.send_bytes(b"")
+        except OSError:
+            pass  # it is gone already; its sentinel says so
 
     def _kill(self, worker: _Worker, reason: TargetError) -> None:
         """Kill `worker` and its children unless its task has finished after all."""
@@ -316,14 +385,33 @@ class TargetPool:
         if reason is None:
             reason = WorkerCrashedError(task.target, worker.pid, exitcode)
             logger.warning("%s", reason)
+        if isinstance(reason, (WorkerCrashedError, TargetTimeoutError)) and self._retry(task):
+            return
         self._deliver_safely(task, Outcome.failure(reason, started=worker.started, pid=worker.pid))
 
     def _expire(self) -> None:
+        """Kill the workers whose target is past its deadline or over the memory limit."""
         now = time.monotonic()
+        limit = self._limits.max_memory_per_worker
+        if limit is not None and now >= self._next_memory_check:
+            self._next_memory_check = now + self._limits.memory_check_interval
+        else:
+            limit = None  # not time to look at memory yet
         for worker in list(self._workers):
-            if worker.deadline is not None and worker.deadline <= now and worker.task is not None:
-                task = worker.task
+            task = worker.task
+            if task is None:
+                continue
+            if worker.deadline is not None and worker.deadline <= now:
                 self._kill(worker, TargetTimeoutError(task.target, task.timeout or 0.0, worker.pid))
+            elif limit is not None:
+                # Over the limit and still growing at three checks in a row: killed now. Over
+                # it but steady: the target may finish, and the worker is recycled after it.
+                rss, last = worker.rss(), worker.last_rss
+                worker.last_rss = rss
+                growing = last is not None and rss > limit and rss > last
+                worker.growth = worker.growth + 1 if growing else 0
+                if worker.growth >= 3:
+                    self._kill(worker, MemoryLimitError(task.target, limit, rss, worker.pid))
 
     def _stop_workers(self) -> None:
         """Stop every worker; a target still running on one (only if the manager failed) is
@@ -337,12 +425,13 @@ class TargetPool:
             except OSError:
                 pass
         deadline = time.monotonic() + _STOP_GRACE
-        for worker in self._workers:
+        for worker in self._workers + self._retiring:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.exitcode is None:
                 _kill_tree(worker.process.pid)
             _release(worker)
         self._workers.clear()
+        self._retiring.clear()
         self._idle.clear()
         self._publish_pids()
 
@@ -352,15 +441,18 @@ class TargetPool:
     # -- dispatch -------------------------------------------------------------------------------
 
     def _next_task(self) -> Task | None:
-        if self._requeued:
-            return self._requeued.popleft()
+        while self._requeued:
+            task = self._requeued.popleft()
+            if not task.owner.cancelled:
+                return task
+            self._fail(task, TargetCancelledError(task.target, running=False))
         while self._feeds:
-            task = self._feeds[0].next_task()
-            if task is None:
+            pulled = self._feeds[0].next_task()
+            if pulled is None:
                 self._feeds.popleft()
                 continue
             self._feeds.rotate(-1)  # round robin: a small invocation is not stuck behind a big one
-            return task
+            return pulled
         return None
 
     def _dispatch(self) -> None:
@@ -390,6 +482,7 @@ class TargetPool:
             self._requeued.appendleft(task)  # it never reached the worker; its sentinel reaps it
             return
         worker.task, worker.state, worker.started = task, WorkerState.BUSY, time.time()
+        worker.last_rss, worker.growth = None, 0
         worker.deadline = None if task.timeout is None else time.monotonic() + task.timeout
 
     def _fail_everything(self) -> None:

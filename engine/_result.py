@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 import time
 import traceback as traceback_module
-from typing import Any, Literal
+from typing import Any
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -54,6 +54,7 @@ class Result:
     resp_ts: float  #: epoch seconds when the response (or failure) was produced
     started: float | None  #: epoch seconds when a worker began the target; None if it never did
     pid: int | None  #: the worker process that ran the target
+    attempts: int = 1  #: how many times it ran: more than 1 only with retries
 
     @property
     def duration(self) -> float | None:
@@ -74,9 +75,9 @@ class Result:
             raise self.exception
         return self.response
 
-    def payload(self, source: str, phase: Literal["on-target"] = "on-target") -> dict[str, Any]:
-        """The on-target callback payload of DESIGN.md section 4."""
-        return {
+    def payload(self, source: str, with_attempts: bool = False) -> dict[str, Any]:
+        """The on-target callback payload of DESIGN.md section 4 (plus `attempts` if asked)."""
+        payload = {
             "source": source,
             "target": self.target,
             "response": self.response,
@@ -85,6 +86,9 @@ class Result:
             "ok": self.ok,
             "exception": None if self.ok else self.traceback,
             "cid": self.cid,
-            "phase": phase,
+            "phase": "on-target",
             "index": self.index,
         }
+        if with_attempts:
+            payload["attempts"] = self.attempts
+        return payload

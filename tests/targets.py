@@ -114,3 +114,31 @@ def outcome(kind: str) -> str:
     if kind == "hang":
         time.sleep(60)
     return kind
+
+
+def crash_once(marker: str) -> str:
+    """Kill its worker the first time (leaving `marker` behind), then succeed."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(9)
+    return "second time lucky"
+
+
+def hold_memory(megabytes: int) -> int:
+    """Allocate and keep `megabytes` for the worker's lifetime, then return its pid."""
+    _held.append(bytearray(megabytes * 1_000_000))
+    return os.getpid()
+
+
+def grow_memory(megabytes: int) -> None:
+    """Grow by `megabytes` every 50 ms, for ever."""
+    while True:
+        _held.append(bytearray(megabytes * 1_000_000))
+        time.sleep(0.05)
+
+
+_held: list[bytearray] = []
+
+
+def raise_group(_: Any = None) -> None:
+    raise ExceptionGroup("several", [ValueError("one"), KeyError("two")])

@@ -111,6 +111,8 @@ ERRORS = [
     engine_module.WorkerCrashedError("t", 12, -11),
     engine_module.WorkerStartError("t", "because"),
     engine_module.TargetTimeoutError("t", 1.5, 12),
+    engine_module.MemoryLimitError("t", 100, 200, 12),
+    engine_module.EngineBrokenError("t", "why"),
     engine_module.TargetCancelledError("t", running=True),
     engine_module.SerializationError("t", "request", "detail"),
     engine_module.RemoteError("pkg.Error", "message", "Traceback..."),

@@ -1,0 +1,161 @@
+"""Retries, worker recycling and memory limits, under real crashes and real memory growth."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+import targets
+from conftest import wait_gone
+from test_callbacks import Recorder
+
+from engine import Engine, MemoryLimitError, TargetTimeoutError, WorkerCrashedError
+from engine._engine import parse_bytes
+
+
+def test_a_crashed_target_is_retried_and_the_payload_counts_the_attempts(tmp_path: Path) -> None:
+    calls = Recorder()
+    with Engine(workers=1, retries=2) as eng:
+        (result,) = eng.wait(eng.invoke([(targets.crash_once, str(tmp_path / "m"))],
+                                        callbacks=[calls]), timeout=60)
+        assert eng.stats().retries == 1
+    assert result.ok and result.response == "second time lucky" and result.attempts == 2
+    assert len(calls.payloads) == 1 and calls.payloads[0]["attempts"] == 2
+
+
+def test_a_target_that_always_crashes_fails_after_retries_plus_one_attempts() -> None:
+    with Engine(workers=2) as eng:
+        cid = eng.invoke([(targets.exit_with, 3), (targets.double, 2)], retries=2)
+        crashed, fine = eng.wait(cid, timeout=60)
+        assert eng.stats().worker_deaths == 3
+    assert isinstance(crashed.exception, WorkerCrashedError) and crashed.attempts == 3
+    assert "EXIT(3)" in str(crashed.exception)
+    assert fine.ok and fine.attempts == 1
+
+
+def test_timeouts_are_retried_too() -> None:
+    with Engine(workers=1) as eng:
+        (result,) = eng.wait(eng.invoke([(targets.sleep, 30)], timeout=0.3, retries=1),
+                             timeout=60)
+    assert isinstance(result.exception, TargetTimeoutError) and result.attempts == 2
+
+
+def test_raised_exceptions_are_retried_only_when_asked() -> None:
+    with Engine(workers=1) as eng:
+        (plain,) = eng.wait(eng.invoke([(targets.fail, "x")], retries=2), timeout=30)
+        (asked,) = eng.wait(eng.invoke([(targets.fail, "x")], retries=2,
+                                       retry_on=(ValueError,)), timeout=30)
+    assert plain.attempts == 1 and asked.attempts == 3
+    assert type(asked.exception) is ValueError
+
+
+def test_payloads_carry_attempts_only_when_retries_are_on(engine: Engine) -> None:
+    calls = Recorder()
+    engine.wait(engine.invoke({targets.double: 1}, callbacks=[calls]), timeout=30)
+    assert "attempts" not in calls.payloads[0]
+
+
+@pytest.mark.parametrize("bad", [{"retries": -1}, {"retries": 1.5}, {"retry_on": ValueError},
+                                 {"retry_on": ("x",)}])
+def test_bad_retry_settings_raise(engine: Engine, bad: dict) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        engine.invoke({targets.double: 1}, **bad)
+
+
+def test_a_worker_is_replaced_after_max_tasks_per_worker() -> None:
+    with Engine(workers=1, max_tasks_per_worker=2) as eng:
+        results = eng.wait(eng.invoke([(targets.getpid, None)] * 6), timeout=60)
+        pids = [r.response for r in results]
+        assert eng.stats().workers_recycled == 3
+    assert len(set(pids)) == 3 and all(pids.count(pid) == 2 for pid in pids)
+    assert not wait_gone(set(pids))
+
+
+def test_a_worker_over_its_memory_limit_is_recycled_after_its_target() -> None:
+    with Engine(workers=1, max_memory_per_worker="150MB") as eng:
+        first, second = eng.wait(eng.invoke([(targets.hold_memory, 200),
+                                             (targets.getpid, None)]), timeout=60)
+        stats = eng.stats()
+    assert first.ok and second.ok, (first.exception, second.exception)
+    assert stats.workers_recycled == 1 and first.response != second.response, stats
+
+
+def test_a_target_growing_past_the_memory_limit_is_killed_with_a_clear_error() -> None:
+    with Engine(workers=2, max_memory_per_worker=200 * 2**20) as eng:
+        grower, fine = eng.wait(eng.invoke([(targets.grow_memory, 20), (targets.sleep, 0.5)]),
+                                timeout=60)
+        assert grower.pid not in eng.stats().worker_pids
+    error = grower.exception
+    assert isinstance(error, MemoryLimitError) and isinstance(error, MemoryError)
+    assert "ran out of its memory limit" in str(error) and error.rss > error.limit == 200 * 2**20
+    assert fine.ok
+    assert not wait_gone([grower.pid])
+
+
+@pytest.mark.parametrize("size, expected", [("512MB", 512_000_000), ("1.5GiB", 1_610_612_736),
+                                            ("100 kb", 100_000), (4096, 4096)])
+def test_memory_sizes_parse(size: int | str, expected: int) -> None:
+    assert parse_bytes(size) == expected
+
+
+@pytest.mark.parametrize("size", ["lots", "-1MB", 0, "12 parsecs", True])
+def test_bad_memory_sizes_raise(size: object) -> None:
+    with pytest.raises(ValueError):
+        parse_bytes(size)  # type: ignore[arg-type]
+
+
+def test_exception_groups_survive_the_trip(engine: Engine) -> None:
+    (result,) = engine.wait(engine.invoke([(targets.raise_group, None)]), timeout=30)
+    group = result.exception
+    assert isinstance(group, ExceptionGroup) and group.message == "several"
+    assert [type(e) for e in group.exceptions] == [ValueError, KeyError]
+
+
+SOAK_SIZE = int(os.environ.get("ENGINE_SOAK", "120"))
+OUTCOMES = ["return", "return", "return", "raise", "exit", "kill", "hang", "unpicklable"]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_soak_random_outcomes_while_a_thread_kills_random_workers(seed: int) -> None:
+    """ENGINE_SOAK=5000 makes this a long run."""
+    rng = random.Random(seed)
+    work = [(targets.unpicklable_response, None) if kind == "unpicklable"
+            else (targets.outcome, kind) for kind in rng.choices(OUTCOMES, k=SOAK_SIZE)]
+    on_target, on_final = Recorder(), Recorder()
+    stop = threading.Event()
+    with Engine(workers=2, timeout=0.5) as eng:
+
+        def kill_random_workers() -> None:
+            while not stop.wait(0.3):
+                pids = eng.stats().worker_pids
+                if pids:
+                    try:
+                        os.kill(rng.choice(pids), signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+
+        killer = threading.Thread(target=kill_random_workers)
+        killer.start()
+        try:
+            cid = eng.fanout(work, on_target=[on_target], on_final=[on_final], retries=1)
+            results = eng.wait(cid, timeout=240)
+        finally:
+            stop.set()
+            killer.join()
+        after = eng.wait(eng.invoke([(targets.double, i) for i in range(4)]), timeout=60)
+        pids = set(eng.stats().worker_pids)
+    assert isinstance(results, list) and len(results) == SOAK_SIZE
+    assert [r.index for r in results] == list(range(SOAK_SIZE))
+    assert sorted(p["index"] for p in on_target.payloads) == list(range(SOAK_SIZE))
+    assert len(on_final.payloads) == 1 and len(on_final.payloads[0]["data"]) == SOAK_SIZE
+    assert all(r.ok for r in after)
+    assert not wait_gone(pids)
+    assert psutil.Process().children() == [] or all(
+        "resource_tracker" in " ".join(c.cmdline()) for c in psutil.Process().children())
+
+
