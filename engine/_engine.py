@@ -19,6 +19,8 @@ from types import TracebackType
 from typing import Any, TypeVar, overload
 from collections.abc import Callable
 
+import cloudpickle
+
 from ._callbacks import CallbackPool
 from ._context import Channel
 from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledError
@@ -74,7 +76,8 @@ class Engine:
     replaced after `max_tasks_per_worker` targets, or once its resident memory passes
     `max_memory_per_worker` (bytes or ``"512MB"``; a target growing past it is killed).
     `retries` runs a target again after a crash or a timeout, and after the exceptions in
-    `retry_on`.
+    `retry_on`. `initializer(*initargs)` runs in each worker before it serves; if it fails in
+    three workers in a row, every target fails with `WorkerStartError` saying why.
     """
 
     def __init__(self, workers: int | None = None, callback_workers: int | None = None,
@@ -83,6 +86,7 @@ class Engine:
                  max_tasks_per_worker: int | None = None,
                  max_memory_per_worker: int | str | None = None,
                  retries: int = 0, retry_on: tuple[type[BaseException], ...] = (),
+                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
                  history: int = 1024) -> None:
         workers = _default_workers() if workers is None else workers
         _check_count("workers", workers, minimum=1)
@@ -103,7 +107,9 @@ class Engine:
         self._callbacks = CallbackPool(callback_workers or min(32, _default_workers() + 4),
                                        callback_executor)
         memory = None if max_memory_per_worker is None else parse_bytes(max_memory_per_worker)
-        self._pool = TargetPool(workers, self._deliver, Limits(max_tasks_per_worker, memory))
+        init = None if initializer is None else cloudpickle.dumps((initializer, tuple(initargs)))
+        self._pool = TargetPool(workers, self._deliver,
+                                Limits(max_tasks_per_worker, memory, initializer=init))
         _live_engines.add(self)
 
     # -- services --------------------------------------------------------------------------------

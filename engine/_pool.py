@@ -47,9 +47,9 @@ from loky.backend import get_context
 
 from ._exceptions import (EngineBrokenError, MemoryLimitError, RemoteError, SerializationError,
                           TargetCancelledError, TargetError, TargetTimeoutError,
-                          WorkerCrashedError, WorkerStartError)
+                          WorkerCrashedError, WorkerStartError, describe_exit)
 from ._result import Outcome
-from ._worker import READY, serve
+from ._worker import READY, START_FAILED, serve
 
 logger = logging.getLogger("engine")
 
@@ -80,6 +80,7 @@ class Limits:
     max_tasks_per_worker: int | None = None
     max_memory_per_worker: int | None = None  #: bytes of resident memory
     memory_check_interval: float = 0.1  #: seconds between checks of a busy worker's memory
+    initializer: bytes | None = None  #: cloudpickled (fn, args), run in each worker first
 
 
 class Feed(Protocol):
@@ -100,7 +101,7 @@ class WorkerState(enum.Enum):
 
 class _Worker:
     __slots__ = ("process", "tasks", "outcomes", "pid", "state", "task", "started", "deadline",
-                 "tasks_run", "last_rss", "growth")
+                 "tasks_run", "last_rss", "growth", "start_error")
 
     def __init__(self, process: Any, tasks: Connection, outcomes: Connection) -> None:
         self.process, self.tasks, self.outcomes = process, tasks, outcomes
@@ -112,6 +113,7 @@ class _Worker:
         self.tasks_run = 0
         self.last_rss: int | None = None  # at the last memory check of the running task
         self.growth = 0  # consecutive checks that found it over the limit and growing
+        self.start_error: str | None = None  # its initializer's traceback, if it raised
 
     def rss(self) -> int:
         """Resident memory in bytes, 0 if it cannot be read (the process is going)."""
@@ -268,8 +270,9 @@ class TargetPool:
         while len(self._workers) < self._size:
             tasks_r, tasks_w = self._context.Pipe(duplex=False)
             outcomes_r, outcomes_w = self._context.Pipe(duplex=False)
-            process = self._context.Process(target=serve, args=(tasks_r, outcomes_w, os.getpid()),
-                                            name="engine-worker")
+            process = self._context.Process(
+                target=serve, args=(tasks_r, outcomes_w, os.getpid(), self._limits.initializer),
+                name="engine-worker")
             try:
                 process.start()
             except OSError as exc:
@@ -287,12 +290,11 @@ class TargetPool:
     def _start_failed(self, reason: str) -> None:
         self.stats.start_failures += 1
         self._consecutive_start_failures += 1
-        logger.error("engine worker failed to start: %s", reason)
         if self._consecutive_start_failures >= _MAX_START_FAILURES and self._broken is None:
             why = (f"{self._consecutive_start_failures} worker processes in a row failed to "
                    f"start; the last: {reason}")
             self._broken = (WorkerStartError, why)
-            logger.error("engine stops starting workers: %s", why)
+            logger.error("engine stops starting workers; every target will fail: %s", why)
 
     def _receive(self, worker: _Worker) -> bool:
         """Handle one message from `worker`; False if its pipe is closed (it is dead)."""
@@ -301,6 +303,9 @@ class TargetPool:
         except (EOFError, OSError):
             return False
         task_id, *rest = pickle.loads(message)
+        if task_id == START_FAILED:
+            worker.start_error = rest[0]
+            return True
         if task_id == READY:
             worker.pid = rest[0]
             worker.state = WorkerState.IDLE
@@ -373,8 +378,8 @@ class TargetPool:
         exitcode = _release(worker)
         self._publish_pids()
         if worker.state is WorkerState.STARTING:
-            self._start_failed(f"worker {worker.pid} exited before it was ready, with exit code "
-                               f"{exitcode}")
+            self._start_failed(worker.start_error or f"worker {worker.pid} exited before it "
+                               f"was ready, with {describe_exit(exitcode)}")
             return
         task = worker.task
         if task is None:

@@ -8,6 +8,7 @@ separate cloudpickle blobs, so that one that fails to (un)pickle fails only its 
     pool -> worker   b""                                         stop
                      pickle([(task_id, fn_blob, req_blob, ctx)])  run these, in order
     worker -> pool   pickle((READY, pid))                         once, when ready to serve
+                     pickle((START_FAILED, traceback))            instead, then it exits
                      pickle((task_id, ok, body_blob, tb, started, finished))   per target
 """
 
@@ -30,17 +31,27 @@ from ._context import CallContext, Channel, _current
 from ._exceptions import RemoteError, SerializationError
 
 READY = -1  #: the task id of the worker's first message, which carries its pid
+START_FAILED = -2  #: the task id of its first message if its initializer raised
 _FUNCTION_CACHE_SIZE = 256
 _PARENT_CHECK_INTERVAL = 0.5
 
 
-def serve(tasks: Connection, outcomes: Connection, parent_pid: int) -> None:
+def serve(tasks: Connection, outcomes: Connection, parent_pid: int,
+          initializer: bytes | None = None) -> None:
     """Run task batches from `tasks` until told to stop or the pool goes away."""
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True,
                      name="engine-orphan-watch").start()
     functions: dict[bytes, Callable[[Any], Any]] = {}
+    if initializer is not None:
+        try:
+            fn, args = pickle.loads(initializer)
+            fn(*args)
+        except BaseException as exc:
+            outcomes.send_bytes(pickle.dumps((START_FAILED, "".join(
+                traceback.format_exception(exc)))))
+            os._exit(3)
     outcomes.send_bytes(pickle.dumps((READY, os.getpid())))
     while True:
         try:

@@ -168,3 +168,17 @@ def test_callbacks_see_their_own_copy_of_the_payload(engine: Engine) -> None:
 
     engine.wait(engine.invoke([(targets.double, 1)] * 5, callbacks=[mutate, check]), timeout=30)
     assert seen == {"targets:double": 5}
+
+
+def test_the_callback_backlog_and_lag_are_visible_in_the_stats() -> None:
+    slow = Recorder(delay=0.05)
+    with Engine(workers=2, callback_workers=1) as eng:
+        cid = eng.invoke([(targets.echo, i) for i in range(20)], callbacks=[slow])
+        for _ in eng.as_completed(cid, timeout=30):
+            pass
+        backlog = eng.stats().callback_backlog  # every result is in; most callbacks are not
+        eng.wait(cid, timeout=30)
+        stats = eng.stats()
+    assert backlog >= 10
+    assert stats.callback_backlog == 0 and stats.callbacks_succeeded == 20
+    assert stats.callback_max_lag >= 0.5  # the last one waited for 19 others of 50 ms

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
 import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -14,7 +16,8 @@ import targets
 from conftest import wait_gone
 from test_callbacks import Recorder
 
-from engine import Engine, MemoryLimitError, TargetTimeoutError, WorkerCrashedError
+from engine import (Engine, MemoryLimitError, TargetTimeoutError, WorkerCrashedError,
+                    WorkerStartError)
 from engine._engine import parse_bytes
 
 
@@ -159,3 +162,31 @@ def test_soak_random_outcomes_while_a_thread_kills_random_workers(seed: int) -> 
         "resource_tracker" in " ".join(c.cmdline()) for c in psutil.Process().children())
 
 
+
+
+def test_an_initializer_runs_in_every_worker_before_it_serves() -> None:
+    def configure(name: str, value: str) -> None:
+        os.environ[name] = value
+
+    with Engine(workers=2, initializer=configure, initargs=("ENGINE_TEST_SETTING", "on")) as eng:
+        results = eng.wait(eng.invoke([(targets.read_setting, "ENGINE_TEST_SETTING")] * 4),
+                           timeout=60)
+    assert [r.response for r in results] == ["on"] * 4
+
+
+def test_workers_that_cannot_start_are_reported_once_and_fail_their_targets(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise ImportError("No module named 'native_extension'")
+
+    with caplog.at_level(logging.ERROR, logger="engine"):
+        with Engine(workers=2, initializer=broken) as eng:
+            results = eng.wait(eng.invoke([(targets.double, i) for i in range(4)]), timeout=60)
+            failures = eng.stats().worker_start_failures
+            time.sleep(0.5)
+            assert eng.stats().worker_start_failures == failures, "it kept respawning"
+            later = eng.wait(eng.invoke({targets.double: 1}), timeout=30)[targets.double]
+    assert all(isinstance(r.exception, WorkerStartError) for r in [*results, later])
+    assert "native_extension" in str(results[0].exception)
+    assert 3 <= failures <= 4
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
