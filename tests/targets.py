@@ -146,3 +146,7 @@ def raise_group(_: Any = None) -> None:
 
 def read_setting(name: str) -> str | None:
     return os.environ.get(name)
+
+
+def length(data: bytes) -> int:
+    return len(data)
