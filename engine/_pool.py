@@ -164,10 +164,8 @@ class TargetPool:
     # -- the face other threads use: each call is a command to the manager thread --------------
 
     def add_feed(self, feed: Feed) -> None:
-        with self._accepting_lock:
-            if self._accepting:
-                self._command("feed", feed)
-                return
+        if self._command("feed", feed):
+            return
         while (task := feed.next_task()) is not None:  # the manager is gone: fail, never hang
             self._fail(task, self._unrunnable(task))
 
@@ -183,12 +181,17 @@ class TargetPool:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    def _command(self, *command: Any) -> None:
-        self._commands.put(command)
-        try:
-            os.write(self._wake_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is pending anyway) or already closed
+    def _command(self, *command: Any) -> bool:
+        """Queue a command and wake the manager; False if the manager thread has exited."""
+        with self._accepting_lock:  # never write to the wake-up pipe once it may be closed
+            if not self._accepting:
+                return False
+            self._commands.put(command)
+            try:
+                os.write(self._wake_w, b"\0")
+            except BlockingIOError:
+                pass  # the pipe is full: a wake-up is pending anyway
+            return True
 
     # -- the manager thread -------------------------------------------------------------------
 
@@ -492,13 +495,7 @@ class TargetPool:
 
     def _fail_everything(self) -> None:
         """Nothing can run: every waiting task fails now rather than wait forever."""
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if command[0] == "feed":
-                self._feeds.append(command[1])
+        self._take_commands()  # feeds sent before the manager stopped accepting them
         while (task := self._next_task()) is not None:
             self._fail(task, self._unrunnable(task))
 
