@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import loky
+import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import workloads  # noqa: E402  (importable by the workers, by reference)
@@ -128,11 +129,59 @@ def slow_callbacks_executor(make: Callable[[], concurrent.futures.Executor]) -> 
     return measure
 
 
+class PeakMemory:
+    """The caller's resident memory growth, sampled every 10 ms while the block runs."""
+
+    def __enter__(self) -> PeakMemory:
+        self._process = psutil.Process()
+        self._base = self._process.memory_info().rss
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self._process.memory_info().rss - self._base)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def memory_engine(n: int, keep_results: bool) -> Callable[[], float]:
+    """MB the caller grows by while `n` lazily produced 1 kB targets run, one callback each."""
+    def measure() -> float:
+        with Engine(workers=WORKERS) as eng:
+            eng.wait(eng.invoke([(workloads.noop, 0)] * WORKERS), timeout=60)
+            with PeakMemory() as memory:
+                cid = eng.invoke(((workloads.noop, b"x" * 1000) for _ in range(n)),
+                                 callbacks=[workloads.noop], keep_results=keep_results)
+                eng.wait(cid)
+            return memory.peak / 1e6
+    return measure
+
+
+def memory_executor(make: Callable[[], concurrent.futures.Executor],
+                    n: int) -> Callable[[], float]:
+    def measure() -> float:
+        with make() as executor:
+            list(executor.map(workloads.noop, range(WORKERS)))
+            with PeakMemory() as memory:
+                for _ in executor.map(workloads.noop, (b"x" * 1000 for _ in range(n))):
+                    pass
+            return memory.peak / 1e6
+    return measure
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--dispatch", type=int, default=5000, help="targets in the dispatch runs")
     parser.add_argument("--round-trips", type=int, default=500)
+    parser.add_argument("--memory", type=int, default=100_000,
+                        help="targets in the memory runs (pulled lazily from a generator)")
     parser.add_argument("--json", help="write the raw figures here")
     args = parser.parse_args()
 
@@ -159,6 +208,13 @@ def main() -> None:
             "engine": slow_callbacks_engine(),
             "ProcessPoolExecutor": slow_callbacks_executor(ppe),
             "loky": slow_callbacks_executor(lky),
+        },
+        f"caller memory growth, {args.memory:,} lazily produced 1 kB targets, MB "
+        "(lower is better)": {
+            "engine": memory_engine(args.memory, keep_results=True),
+            "engine, keep_results=False": memory_engine(args.memory, keep_results=False),
+            "ProcessPoolExecutor.map": memory_executor(ppe, args.memory),
+            "loky.map": memory_executor(lky, args.memory),
         },
     }
     raw: dict[str, dict[str, float]] = {}

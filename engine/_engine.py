@@ -134,24 +134,28 @@ class Engine:
     def invoke(self, targets: Targets, callbacks: Callbacks = None, cid: str | None = None,
                source: str | None = None, timeout: float | None = None,
                retries: int | None = None,
-               retry_on: tuple[type[BaseException], ...] | None = None) -> str:
+               retry_on: tuple[type[BaseException], ...] | None = None,
+               keep_results: bool = True) -> str:
         """Run every target in parallel; call each callback once per target; return the CID.
 
         `targets` is ``{target: request}``, or ``(target, request)`` pairs to run one target
         many times (an iterator is pulled lazily, as workers free up). A target is a callable,
         a registered name or ``"package.module:function"``. `timeout` limits each target's run;
-        it, `retries` and `retry_on` default to the engine's.
+        it, `retries` and `retry_on` default to the engine's. With ``keep_results=False`` the
+        results go to the callbacks only, so that memory does not grow with the invocation:
+        `wait` then returns an empty mapping or list, and `as_completed` raises.
         """
         return self._start(targets, Channel.PARALLEL_EXEC_CALL, callbacks, None, cid,
-                           source, timeout, retries, retry_on)
+                           source, timeout, retries, retry_on, keep_results)
 
     def fanout(self, targets: Targets, on_target: Callbacks = None, on_final: Callbacks = None,
                cid: str | None = None, source: str | None = None,
                timeout: float | None = None, retries: int | None = None,
-               retry_on: tuple[type[BaseException], ...] | None = None) -> str:
+               retry_on: tuple[type[BaseException], ...] | None = None,
+               keep_results: bool = True) -> str:
         """`invoke`, plus `on_final` callbacks run once, after every target has its result."""
         return self._start(targets, Channel.FANOUT_CALL, on_target, on_final, cid, source,
-                           timeout, retries, retry_on)
+                           timeout, retries, retry_on, keep_results)
 
     def wait(self, cid: str, timeout: float | None = None) -> dict[Any, Result] | list[Result]:
         """Block until every target of `cid` has its result and every callback has finished.
@@ -167,7 +171,11 @@ class Engine:
 
     def as_completed(self, cid: str, timeout: float | None = None) -> Iterator[Result]:
         """Yield the results of `cid` as they are recorded, without waiting for callbacks."""
-        return self._lookup(cid).stream(timeout)
+        invocation = self._lookup(cid)
+        if not invocation.keep_results:
+            raise ValueError(f"invocation {cid!r} keeps no results to stream "
+                             f"(keep_results=False): its callbacks get them")
+        return invocation.stream(timeout)
 
     def cancel(self, cid: str) -> bool:
         """Cancel `cid`: queued targets never start, running ones are killed; each gets a
@@ -232,7 +240,7 @@ class Engine:
     def _start(self, targets: Targets, channel: Channel, on_target: Callbacks,
                on_final: Callbacks, cid: str | None, source: str | None,
                timeout: float | None, retries: int | None,
-               retry_on: tuple[type[BaseException], ...] | None) -> str:
+               retry_on: tuple[type[BaseException], ...] | None, keep_results: bool) -> str:
         if self._state is not EngineState.OPEN:
             raise EngineClosedError("the engine is shut down; it accepts no invocations")
         if cid is not None and (not isinstance(cid, str) or not cid):
@@ -249,7 +257,7 @@ class Engine:
             source=source or self._default_source or _caller_module(),
             channel=channel, items=iter(items), total=total, keys=keys, registry=self._registry,
             timeout=self._default_timeout if timeout is None else timeout,
-            retries=retries, retry_on=retry_on,
+            retries=retries, retry_on=retry_on, keep_results=keep_results,
             on_target=callbacks_on_target, on_final=callbacks_on_final,
             callbacks=self._callbacks, retire=self._retire)
         if total is not None:  # bad input fails here, before anything starts

@@ -48,6 +48,7 @@ class Invocation:
     def __init__(self, *, cid: str, source: str, channel: Channel, items: Iterator[Any],
                  total: int | None, keys: Sequence[Any] | None, registry: Registry,
                  timeout: float | None, retries: int, retry_on: tuple[type[BaseException], ...],
+                 keep_results: bool,
                  on_target: list[NamedCallback], on_final: list[NamedCallback],
                  callbacks: CallbackPool, retire: Callable[[Invocation], None]) -> None:
         self.cid, self.source, self.channel = cid, source, channel
@@ -64,8 +65,11 @@ class Invocation:
         self._cond = threading.Condition()
         self._pulled = 0
         self.total = total  # None until a lazy iterator is exhausted
-        self.results: dict[int, Result] = {}
-        self.completed: list[Result] = []  # completion order
+        self.keep_results = keep_results
+        self.results: dict[int, Result] = {}  # empty unless keep_results
+        self.completed: list[Result] = []  # completion order; empty unless keep_results
+        self._recorded = bytearray()  # 1 at each index that has its result: 1 byte a target
+        self._count = 0
         self._data: list[dict[str, Any]] = []  # fan-in payloads, completion order
         self._pending_callbacks = 0
         self.phase = Phase.RUNNING
@@ -159,12 +163,18 @@ class Invocation:
         payload = result.payload(self.source, with_attempts=self.retries > 0) \
             if self.on_target or self.on_final else None
         with self._cond:
-            if index in self.results:
+            if index < len(self._recorded) and self._recorded[index]:
                 logger.error("engine got a second result for target %d of cid %s; ignored",
                              index, self.cid)
                 return
-            self.results[index] = result
-            self.completed.append(result)
+            if index >= len(self._recorded):
+                self._recorded.extend(bytes(max(index + 1 - len(self._recorded),
+                                                len(self._recorded))))
+            self._recorded[index] = 1
+            self._count += 1
+            if self.keep_results:
+                self.results[index] = result
+                self.completed.append(result)
             if self.on_final and payload is not None:
                 self._data.append(payload)
             self._pending_callbacks += len(self.on_target)
@@ -188,7 +198,7 @@ class Invocation:
     def _all_targets_done(self) -> bool:
         """Under `_cond`: True exactly once, when the last result is in and the total known."""
         if self.phase is Phase.RUNNING and self.total is not None \
-                and len(self.results) == self.total:
+                and self._count == self.total:
             self.phase = Phase.CALLBACKS
             self._pending_callbacks += len(self.on_final)
             return True
@@ -229,15 +239,14 @@ class Invocation:
     def progress(self) -> str:
         with self._cond:
             total = "?" if self.total is None else self.total
-            return f"{len(self.results)} of {total} results, {self._pending_callbacks} callbacks " \
-                   f"pending"
+            return f"{self._count} of {total} results, {self._pending_callbacks} callbacks pending"
 
     def collect(self) -> dict[Any, Result] | list[Result]:
         """``{target: Result}`` for a mapping, else one Result per pair in the order given."""
         with self._cond:
             ordered = [self.results[i] for i in range(len(self.results))]
         if self._keys is not None:
-            return dict(zip(self._keys, ordered, strict=True))
+            return dict(zip(self._keys, ordered, strict=True)) if self.keep_results else {}
         return ordered
 
     def stream(self, timeout: float | None) -> Iterator[Result]:

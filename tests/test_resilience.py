@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
@@ -220,3 +221,32 @@ def test_a_lazy_iterator_is_pulled_as_workers_free_up_not_all_at_once() -> None:
     assert len(results) == count and all(r.ok and r.response == size for r in results)
     assert max(in_flight) < 100, max(in_flight)
     assert peak < 200_000_000, f"the caller grew by {peak:,} bytes"
+
+
+def test_without_kept_results_memory_stays_flat_and_callbacks_get_everything() -> None:
+    count = 20_000
+    seen = collections.Counter()
+    lock = threading.Lock()
+
+    def tally(payload: dict) -> None:
+        with lock:
+            seen[payload["ok"]] += 1
+
+    caller = psutil.Process()
+    with Engine(workers=2) as eng:
+        eng.wait(eng.invoke([(targets.echo, 0)] * 2), timeout=30)
+        growth = {}
+        for keep in (True, False):
+            before = caller.memory_info().rss
+            cid = eng.invoke(((targets.echo, b"x" * 1000) for _ in range(count)),
+                             callbacks=[tally], keep_results=keep)
+            kept = eng.wait(cid, timeout=240)
+            growth[keep] = caller.memory_info().rss - before
+            assert len(kept) == (count if keep else 0)
+            if not keep:
+                with pytest.raises(ValueError, match="keeps no results"):
+                    eng.as_completed(cid)
+                del kept
+    assert seen == {True: 2 * count}
+    # 20,000 kept results of 1 kB responses take over 20 MB; not keeping them takes nothing.
+    assert growth[False] < 10_000_000 < growth[True], growth
