@@ -226,7 +226,8 @@ def main() -> None:
         best = max(peers.values()) if higher_is_better else min(peers.values())
         print(f"\n{title}")
         for name, value in results.items():
-            print(f"  {name:<42} {value:>12,.3f}   {value / best:6.2f} x best peer")
+            ratio = f"{value / best:6.2f}" if best else "   n/a"
+            print(f"  {name:<42} {value:>12,.3f}   {ratio} x best peer")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
