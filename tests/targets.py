@@ -150,3 +150,14 @@ def read_setting(name: str) -> str | None:
 
 def length(data: bytes) -> int:
     return len(data)
+
+
+SHARED_LOCK = threading.Lock()  # held by a caller's thread in a test
+
+
+def take_shared_lock(_: Any = None) -> bool:
+    """A forked copy of a caller whose thread held the lock would find it held for ever."""
+    acquired = SHARED_LOCK.acquire(timeout=2)
+    if acquired:
+        SHARED_LOCK.release()
+    return acquired

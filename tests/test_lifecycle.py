@@ -178,3 +178,41 @@ def test_a_script_that_never_shuts_down_exits_cleanly_and_runs_its_callbacks(
     assert process.wait(timeout=30) == 0, process.stderr.read()
     assert out.read_text().split() == ["0.3"] * 4
     assert not wait_gone(pids, timeout=5)
+
+
+def test_workers_start_safely_while_caller_threads_hold_locks() -> None:
+    """Workers are exec'd, not forked copies of the caller: a lock that one of the caller's
+    threads holds while workers start is free in them (in a forked child it would be held)."""
+    release = threading.Event()
+    held = threading.Event()
+
+    def hold() -> None:
+        with targets.SHARED_LOCK:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        with Engine(workers=2) as eng:
+            results = eng.wait(eng.invoke([(targets.take_shared_lock, None)] * 4), timeout=60)
+        assert [r.response for r in results] == [True] * 4
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_functions_of_a_notebook_style_main_without_a_file_work() -> None:
+    code = textwrap.dedent("""
+        from engine import Engine
+        double = lambda x: 2 * x
+        def triple(x):
+            return 3 * x
+        with Engine(workers=1) as eng:
+            print([r.response for r in eng.wait(eng.invoke([(double, 2), (triple, 2)]))])
+    """)
+    done = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True,
+                          timeout=60, env=script_env())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[4, 6]"
