@@ -16,8 +16,8 @@ import logging
 import queue
 import threading
 import time
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 

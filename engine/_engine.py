@@ -14,10 +14,9 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, overload
-from collections.abc import Callable
 
 import cloudpickle
 
@@ -26,7 +25,7 @@ from ._context import Channel
 from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledError
 from ._invocation import Invocation, NamedCallback, Phase
 from ._names import Registry
-from ._pool import Limits, Task, TargetPool
+from ._pool import Limits, TargetPool, Task
 from ._result import Outcome, Result
 
 logger = logging.getLogger("engine")
@@ -92,6 +91,7 @@ class Engine:
         _check_count("workers", workers, minimum=1)
         if max_tasks_per_worker is not None:
             _check_count("max_tasks_per_worker", max_tasks_per_worker, minimum=1)
+        _check_count("history", history, minimum=0)
         _check_timeout(timeout)
         _check_retries(retries, retry_on)
         self._default_timeout = timeout
@@ -104,8 +104,9 @@ class Engine:
         self._finished: collections.OrderedDict[str, Invocation] = collections.OrderedDict()
         self._state = EngineState.OPEN
         self._closer: threading.Thread | None = None
-        self._callbacks = CallbackPool(callback_workers or min(32, _default_workers() + 4),
-                                       callback_executor)
+        if callback_workers is None:
+            callback_workers = min(32, _default_workers() + 4)
+        self._callbacks = CallbackPool(callback_workers, callback_executor)
         memory = None if max_memory_per_worker is None else parse_bytes(max_memory_per_worker)
         init = None if initializer is None else cloudpickle.dumps((initializer, tuple(initargs)))
         self._pool = TargetPool(workers, self._deliver,

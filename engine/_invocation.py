@@ -8,9 +8,8 @@ import logging
 import pickle
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
-from collections.abc import Callable, Sequence
 
 import cloudpickle
 

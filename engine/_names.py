@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 from ._exceptions import UnknownNameError
 

@@ -37,17 +37,26 @@ import pickle
 import queue
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
-from collections.abc import Callable
 
 import cloudpickle
 import psutil
 from loky.backend import get_context
 
-from ._exceptions import (EngineBrokenError, MemoryLimitError, RemoteError, SerializationError,
-                          TargetCancelledError, TargetError, TargetTimeoutError,
-                          WorkerCrashedError, WorkerStartError, describe_exit)
+from ._exceptions import (
+    EngineBrokenError,
+    MemoryLimitError,
+    RemoteError,
+    SerializationError,
+    TargetCancelledError,
+    TargetError,
+    TargetTimeoutError,
+    WorkerCrashedError,
+    WorkerStartError,
+    describe_exit,
+)
 from ._result import Outcome
 from ._worker import READY, START_FAILED, serve
 

@@ -20,9 +20,9 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
-from collections.abc import Callable
 
 import cloudpickle
 from tblib import pickling_support

@@ -6,17 +6,16 @@ import pickle
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 import psutil
 import pytest
 import targets
 from conftest import wait_gone
 
-from engine import (Engine, RemoteError, SerializationError, TargetTimeoutError,
-                    WorkerCrashedError)
+from engine import Engine, RemoteError, SerializationError, TargetTimeoutError, WorkerCrashedError
 
 CRASHES = [  # (target, request, the cause the error must name)
     pytest.param(targets.exit_with, 1, "EXIT(1)", id="os._exit(1)"),

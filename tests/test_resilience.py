@@ -17,8 +17,13 @@ import targets
 from conftest import wait_gone
 from test_callbacks import Recorder
 
-from engine import (Engine, MemoryLimitError, TargetTimeoutError, WorkerCrashedError,
-                    WorkerStartError)
+from engine import (
+    Engine,
+    MemoryLimitError,
+    TargetTimeoutError,
+    WorkerCrashedError,
+    WorkerStartError,
+)
 from engine._engine import parse_bytes
 
 

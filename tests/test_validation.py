@@ -9,8 +9,7 @@ import pytest
 import targets
 
 import engine as engine_module
-from engine import (DuplicateCidError, Engine, EngineClosedError, InvocationError,
-                    UnknownNameError)
+from engine import DuplicateCidError, Engine, EngineClosedError, InvocationError, UnknownNameError
 
 
 def write_file(path: str) -> None:
@@ -81,6 +80,13 @@ def test_a_cid_must_be_a_non_empty_string(engine: Engine, cid: object) -> None:
 def test_a_timeout_must_be_positive(engine: Engine, timeout: object) -> None:
     with pytest.raises(ValueError):
         engine.invoke({targets.echo: 1}, timeout=timeout)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("settings", [{"workers": 0}, {"callback_workers": 0}, {"history": -1},
+                                      {"max_tasks_per_worker": 0}, {"timeout": -1}])
+def test_bad_engine_settings_raise_before_any_process_starts(settings: dict) -> None:
+    with pytest.raises(ValueError):
+        Engine(**settings)
 
 
 def test_invoke_after_shutdown_raises(engine: Engine) -> None:
