@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import enum
+from typing import Any
 
 
 class Channel(enum.StrEnum):
@@ -32,11 +33,16 @@ class CallContext:
     index: int | None
 
 
-_current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
+# A worker sets a plain tuple per target (cheap); `current_context` makes it a CallContext.
+_current: contextvars.ContextVar[CallContext | tuple[Any, ...] | None] = contextvars.ContextVar(
     "engine_call_context", default=None
 )
 
 
 def current_context() -> CallContext | None:
     """The context of the target or callback running in this thread, or None outside one."""
-    return _current.get()
+    context = _current.get()
+    if isinstance(context, tuple):
+        channel, *rest = context
+        return CallContext(Channel(channel), *rest)
+    return context

@@ -16,7 +16,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 import cloudpickle
 
@@ -271,7 +271,7 @@ class Engine:
                 raise DuplicateCidError(invocation.cid)
             self._active[invocation.cid] = invocation
         if total == 0:
-            invocation.next_task()  # sees the end of the input: fan-in runs at once
+            invocation.next_tasks(1)  # sees the end of the input: fan-in runs at once
         else:
             self._pool.add_feed(invocation)
         return invocation.cid
@@ -284,7 +284,7 @@ class Engine:
         return [self._registry.resolve(callback, "callback") for callback in callbacks]
 
     def _deliver(self, task: Task, outcome: Outcome) -> None:
-        task.owner.record(task.index, task.target, outcome, task.attempt)
+        cast(Invocation, task.owner).record(task.index, task.target, outcome, task.attempt)
 
     def _retire(self, invocation: Invocation) -> None:
         with self._lock:

@@ -51,6 +51,7 @@ class Invocation:
                  on_target: list[NamedCallback], on_final: list[NamedCallback],
                  callbacks: CallbackPool, retire: Callable[[Invocation], None]) -> None:
         self.cid, self.source, self.channel = cid, source, channel
+        self.prefix = (channel.value, cid, source)
         self.req_ts = time.time()
         self.timeout = timeout
         self.retries, self.retry_on = retries, retry_on
@@ -76,12 +77,14 @@ class Invocation:
 
     # -- the feed the target pool pulls from (manager thread) ----------------------------------
 
-    def next_task(self) -> Task | None:
+    def next_tasks(self, limit: int) -> list[Task]:
+        """Up to `limit` next targets as tasks; [] once the input is exhausted or cancelled."""
+        tasks: list[Task] = []
         with self._feed_lock:
-            while not self.cancelled:
+            while len(tasks) < limit and not self.cancelled:
                 pulled = self._pull()
                 if pulled is None:
-                    return None
+                    break
                 index, target, request = pulled
                 fn_blob: bytes | BaseException
                 try:
@@ -91,10 +94,8 @@ class Invocation:
                 if isinstance(fn_blob, BaseException):
                     self.record(index, name, Outcome.failure(fn_blob))
                     continue
-                context = (self.channel.value, self.cid, self.source, name, index)
-                return Task(self, index, name, fn_blob, request, self.timeout, context,
-                            self.retries, self.retry_on)
-            return None
+                tasks.append(Task(self, index, name, fn_blob, request))
+        return tasks
 
     def _pull(self) -> tuple[int, Any, Any] | None:
         """The next (index, target, request), or None once the input is exhausted."""

@@ -7,21 +7,28 @@
     add_feed / kill / close ──►  commands (SimpleQueue) + wake-up pipe
                                   │ waits on, never polls:
                                   │   the wake-up pipe
-                                  │   each worker's outcome pipe  ◄─────────── a message per target
+                                  │   each worker's outcome pipe  ◄─────────── outcomes, batched
                                   │   each worker's sentinel      ◄─────────── the process exits
                                   │   the nearest target deadline
-                                  │ sends a task to an idle worker ──────────► its own task pipe
+                                  │ sends a batch to a worker ───────────────► its own task pipe
                                   └ deliver(task, outcome): record + enqueue callbacks, never waits
+
+Quick targets travel in batches (about `BATCH_SECONDS` of work each, sized from what the
+owner's targets took so far; one at a time until that is known, or when they are slow). A worker
+runs its batch in order and writes each outcome to its journal (`engine._journal`) as it happens.
 
 Invariants:
 
 * Only the manager thread touches workers, feeds and the requeue; other threads send commands.
-* Each worker has its own pair of pipes and runs at most one task, and ``worker.task`` is that
-  task, so a death or a timeout is charged to exactly the target that caused it and to no other.
+* Each worker has its own pipes and journal; ``worker.inflight`` holds the tasks sent to it in
+  the order it runs them, so its first task is the one running. A death or a timeout is charged
+  to exactly that target: what finished before it is delivered (from the journal if it was not
+  sent), what is queued behind it never started and is requeued.
 * Every task taken from a feed is delivered exactly once: with its outcome, or with the reason it
-  has none (crash, timeout, cancellation, pickling). A task whose worker died before it was sent
-  is requeued, not failed: it never ran.
+  has none (crash, timeout, cancellation, pickling).
 * Requests are pickled only when sent, so memory holds the work in flight, not the invocation.
+* The manager never blocks on a busy worker: a batch is sent ahead to a busy worker only if it
+  fits in the pipe's buffer.
 * If the manager thread itself fails (a bug), every running, queued and later task fails with
   `EngineBrokenError` rather than leave a caller waiting.
 """
@@ -30,14 +37,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import logging
 import os
 import pickle
 import queue
+import signal
 import threading
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import Connection, wait
 from typing import Any, Protocol
 
@@ -57,29 +65,34 @@ from ._exceptions import (
     WorkerStartError,
     describe_exit,
 )
+from ._journal import ENTRY, OUTCOMES, Journal, entries
 from ._result import Outcome
-from ._worker import READY, START_FAILED, serve
+from ._worker import LARGE, OK, START_FAILED, UNLOADED, serve
 
 logger = logging.getLogger("engine")
 
 _MAX_START_FAILURES = 3  # consecutive deaths before "ready": the pool stops spawning
+_KILLED_START_WEIGHT = 0.25  # a SIGKILL at start mostly comes from outside: it counts less
 _STOP_GRACE = 2.0  # seconds a worker gets to exit after being told to stop
+BATCH_SECONDS = 0.002  # the work a batch of quick targets should hold
+MAX_BATCH = 512  # targets in one batch at most
+MAX_BATCH_BYTES = 1 << 20  # pickled requests in one batch at most, unless it is one target
+_PREFETCH_BYTES = 32 << 10  # a batch sent to a busy worker must fit in its pipe's buffer
+_JOURNAL_SIZE = 1 << 20  # bytes of outcomes a worker holds before it must send them
 
 
 @dataclasses.dataclass(slots=True, eq=False)
 class Task:
     """One target to run: what the worker needs, plus its owner for the engine's bookkeeping."""
 
-    owner: Any  #: the invocation it belongs to; the pool reads only its `cancelled`
+    owner: Owner
     index: int
     target: str
     fn_blob: bytes
     request: Any
-    timeout: float | None
-    context: tuple[Any, ...]  #: the worker's CallContext, as a plain tuple
-    retries: int = 0  #: further attempts allowed after a crash or a timeout
-    retry_on: tuple[type[BaseException], ...] = ()  #: raised exceptions that are retried too
     attempt: int = 1
+    id: int = 0  #: set when sent; a worker reports outcomes by it
+    alone: bool = False  #: send it in a batch of its own (its batch did not unpickle)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -92,33 +105,38 @@ class Limits:
     initializer: bytes | None = None  #: cloudpickled (fn, args), run in each worker first
 
 
-class Feed(Protocol):
-    """A source of tasks, pulled only as workers free up."""
+class Owner(Protocol):
+    """The invocation a task belongs to: what the pool reads of it, and its source of tasks."""
 
-    def next_task(self) -> Task | None:
-        """The next task, or None when there are no more."""
+    cancelled: bool
+    timeout: float | None
+    retries: int  #: further attempts allowed after a crash or a timeout
+    retry_on: tuple[type[BaseException], ...]  #: raised exceptions that are retried too
+    prefix: tuple[str, str, str]  #: (channel, cid, source) of each target's CallContext
+
+    def next_tasks(self, limit: int) -> list[Task]:
+        """Up to `limit` next tasks, pulled only as workers free up; [] when there are no more."""
 
 
 Deliver = Callable[[Task, Outcome], None]
 
 
-class WorkerState(enum.Enum):
-    STARTING = "starting"  #: spawned, has not said it is ready
-    IDLE = "idle"  #: ready, running nothing
-    BUSY = "busy"  #: running `task`
-
-
 class _Worker:
-    __slots__ = ("process", "tasks", "outcomes", "pid", "state", "task", "started", "deadline",
-                 "tasks_run", "last_rss", "growth", "start_error")
+    __slots__ = ("process", "tasks", "outcomes", "journal", "pid", "ready", "inflight", "held",
+                 "large", "gone", "head_since", "deadline", "tasks_run", "last_rss", "growth",
+                 "start_error")
 
-    def __init__(self, process: Any, tasks: Connection, outcomes: Connection) -> None:
-        self.process, self.tasks, self.outcomes = process, tasks, outcomes
+    def __init__(self, process: Any, tasks: Connection, outcomes: Connection,
+                 journal: Journal) -> None:
+        self.process, self.tasks, self.outcomes, self.journal = process, tasks, outcomes, journal
         self.pid: int | None = process.pid
-        self.state = WorkerState.STARTING
-        self.task: Task | None = None
-        self.started = 0.0  # epoch seconds when `task` was sent
-        self.deadline: float | None = None  # monotonic seconds
+        self.ready = False  # it has said it serves
+        self.inflight: collections.deque[Task] = collections.deque()  # sent, in run order
+        self.held: tuple[list[Task], bytes] | None = None  # a batch waiting for it to be idle
+        self.large: tuple[Any, ...] | None = None  # the header of a body still to come
+        self.gone = False  # its task pipe is broken: it is dying, its sentinel will say so
+        self.head_since = 0.0  # epoch seconds when inflight[0] started (at the latest)
+        self.deadline: float | None = None  # monotonic seconds, for inflight[0]
         self.tasks_run = 0
         self.last_rss: int | None = None  # at the last memory check of the running task
         self.growth = 0  # consecutive checks that found it over the limit and growing
@@ -141,6 +159,21 @@ class PoolStats:
     retries: int = 0  #: attempts run again after a crash, a timeout or a retried exception
 
 
+@dataclasses.dataclass(slots=True)
+class _Pace:
+    """What batches of an owner's targets should hold, as measured so far."""
+
+    duration: float | None = None  #: seconds a target takes
+    request_bytes: float = 0.0  #: the size of a pickled request
+
+    def ran(self, duration: float, count: int) -> None:
+        """Follow the measured durations: at once the first time, then smoothly."""
+        if self.duration is None:
+            self.duration = duration
+        else:
+            self.duration += (duration - self.duration) * min(1.0, count / 16)
+
+
 class TargetPool:
     """Runs tasks from feeds on `size` worker processes; see the module docstring."""
 
@@ -153,13 +186,14 @@ class TargetPool:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._workers: list[_Worker] = []
-        self._idle: list[_Worker] = []
         self._retiring: list[_Worker] = []  # told to stop, not yet exited; not counted in size
         self._next_memory_check = 0.0  # monotonic seconds
-        self._feeds: collections.deque[Feed] = collections.deque()
+        self._feeds: collections.deque[Owner] = collections.deque()
         self._requeued: collections.deque[Task] = collections.deque()
+        # How long a target of each owner takes and how big its request is: it sizes batches.
+        self._paces: weakref.WeakKeyDictionary[Owner, _Pace] = weakref.WeakKeyDictionary()
         self._closing = False
-        self._consecutive_start_failures = 0
+        self._consecutive_start_failures = 0.0
         # Why no target can run, once that is so: the error to fail each with, and its reason.
         self._broken: tuple[type[WorkerStartError | EngineBrokenError], str] | None = None
         self._accepting = True  # False once the manager thread has exited
@@ -172,13 +206,14 @@ class TargetPool:
 
     # -- the face other threads use: each call is a command to the manager thread --------------
 
-    def add_feed(self, feed: Feed) -> None:
+    def add_feed(self, feed: Owner) -> None:
         if self._command("feed", feed):
             return
-        while (task := feed.next_task()) is not None:  # the manager is gone: fail, never hang
-            self._fail(task, self._unrunnable(task))
+        while tasks := feed.next_tasks(MAX_BATCH):  # the manager is gone: fail, never hang
+            for task in tasks:
+                self._fail(task, self._unrunnable(task))
 
-    def kill_running(self, owner: Any, reason: Callable[[Task], TargetError]) -> None:
+    def kill_running(self, owner: Owner, reason: Callable[[Task], TargetError]) -> None:
         """Kill the workers running tasks of `owner`; each such task fails with `reason(task)`."""
         self._command("kill", owner, reason)
 
@@ -227,8 +262,7 @@ class TargetPool:
             os.close(self._wake_w)
 
     def _has_work(self) -> bool:
-        return bool(self._feeds or self._requeued
-                    or any(w.state is WorkerState.BUSY for w in self._workers))
+        return bool(self._feeds or self._requeued or any(w.inflight for w in self._workers))
 
     def _take_commands(self) -> None:
         while True:
@@ -242,8 +276,8 @@ class TargetPool:
             elif kind == "kill":
                 _, owner, reason = command
                 for worker in list(self._workers):
-                    if worker.task is not None and worker.task.owner is owner:
-                        self._kill(worker, reason(worker.task))
+                    if worker.inflight and worker.inflight[0].owner is owner:
+                        self._kill(worker, reason(worker.inflight[0]))
             elif kind == "close":
                 self._closing = True
 
@@ -282,29 +316,31 @@ class TargetPool:
         while len(self._workers) < self._size:
             tasks_r, tasks_w = self._context.Pipe(duplex=False)
             outcomes_r, outcomes_w = self._context.Pipe(duplex=False)
+            journal = Journal.create(_JOURNAL_SIZE)
             process = self._context.Process(
-                target=serve, args=(tasks_r, outcomes_w, os.getpid(), self._limits.initializer),
-                name="engine-worker")
+                target=serve, name="engine-worker",
+                args=(tasks_r, outcomes_w, journal, os.getpid(), self._limits.initializer))
             try:
                 process.start()
             except OSError as exc:
                 tasks_w.close()
                 outcomes_r.close()
+                journal.close()
                 self._start_failed(f"{type(exc).__name__}: {exc}")
                 return
             finally:
                 tasks_r.close()  # the child has its own copies now
                 outcomes_w.close()
-            self._workers.append(_Worker(process, tasks_w, outcomes_r))
+            self._workers.append(_Worker(process, tasks_w, outcomes_r, journal))
             self.stats.workers_started += 1
         self._publish_pids()
 
-    def _start_failed(self, reason: str) -> None:
+    def _start_failed(self, reason: str, weight: float = 1.0) -> None:
         self.stats.start_failures += 1
-        self._consecutive_start_failures += 1
+        self._consecutive_start_failures += weight
         if self._consecutive_start_failures >= _MAX_START_FAILURES and self._broken is None:
-            why = (f"{self._consecutive_start_failures} worker processes in a row failed to "
-                   f"start; the last: {reason}")
+            why = (f"worker processes failed to start {self.stats.start_failures} times; "
+                   f"the last: {reason}")
             self._broken = (WorkerStartError, why)
             logger.error("engine stops starting workers; every target will fail: %s", why)
 
@@ -314,34 +350,70 @@ class TargetPool:
             message = worker.outcomes.recv_bytes()
         except (EOFError, OSError):
             return False
-        task_id, *rest = pickle.loads(message)
-        if task_id == START_FAILED:
-            worker.start_error = rest[0]
+        if worker.large is not None:  # the body of a LARGE outcome
+            header, worker.large = worker.large, None
+            self._take_outcomes(worker, [(*header[:1], *header[2:], memoryview(message))])
+        elif message[:1] == OUTCOMES:
+            self._take_outcomes(worker, entries(message))
+        elif message[:1] == LARGE:
+            worker.large = ENTRY.unpack_from(message, 1)
             return True
-        if task_id == READY:
-            worker.pid = rest[0]
-            worker.state = WorkerState.IDLE
-            self._consecutive_start_failures = 0
-            self._idle.append(worker)
-            return True
-        task = worker.task
-        assert task is not None, "an outcome came from a worker that runs nothing"
-        worker.task, worker.deadline, worker.state = None, None, WorkerState.IDLE
-        worker.tasks_run += 1
-        outcome = _outcome(task, worker.pid, *rest)
-        if outcome.ok or not isinstance(outcome.value, task.retry_on) or not self._retry(task):
-            self._deliver_safely(task, outcome)
-        if self._worn_out(worker):
-            self._retire(worker)
         else:
-            self._idle.append(worker)
+            kind, detail = pickle.loads(message[1:])
+            if kind == START_FAILED:
+                worker.start_error = detail
+            else:
+                worker.pid, worker.ready = detail, True
+                self._consecutive_start_failures = 0.0
+            return True
+        if worker not in self._workers:
+            return True  # drained while being reaped
+        if worker.inflight:
+            self._started(worker, time.time())
+        elif worker.held is not None:
+            self._send_message(worker, *worker.held)
+        elif self._worn_out(worker):
+            self._retire(worker)
         return True
+
+    def _started(self, worker: _Worker, since: float) -> None:
+        """`worker.inflight[0]` started at `since` (epoch seconds) at the latest."""
+        worker.head_since = since
+        worker.last_rss, worker.growth = None, 0
+        timeout = worker.inflight[0].owner.timeout
+        worker.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def _take_outcomes(self, worker: _Worker,
+                       outcomes: Iterable[tuple[int, int, float, float, memoryview]]) -> None:
+        """Deliver what a worker reports, in the order it ran them; skip what was delivered."""
+        inflight, resend = worker.inflight, []
+        busy, count, owner = 0.0, 0, None
+        for task_id, status, started, finished, body in outcomes:
+            if not inflight or task_id < inflight[0].id:
+                continue  # read again from the journal after it was sent
+            task = inflight.popleft()
+            assert task.id == task_id, "a worker reported outcomes out of order"
+            worker.tasks_run += 1
+            if status == UNLOADED:
+                task.alone = True
+                resend.append(task)
+                continue
+            busy, count, owner = busy + finished - started, count + 1, task.owner
+            outcome = _outcome(task, worker.pid, status == OK, body, started, finished)
+            if outcome.ok or not isinstance(outcome.value, task.owner.retry_on) \
+                    or not self._retry(task):
+                self._deliver_safely(task, outcome)
+        self._requeued.extendleft(reversed(resend))
+        worker.deadline = None
+        if owner is not None:
+            self._paces.setdefault(owner, _Pace()).ran(busy / count, count)
 
     def _retry(self, task: Task) -> bool:
         """Queue another attempt of `task` (first in line), if it has one left."""
-        if task.attempt > task.retries:
+        if task.attempt > task.owner.retries:
             return False
         task.attempt += 1
+        task.alone = True  # it may be what kills workers: never again in a batch
         self.stats.retries += 1
         self._requeued.appendleft(task)
         return True
@@ -365,9 +437,10 @@ class TargetPool:
             pass  # it is gone already; its sentinel says so
 
     def _kill(self, worker: _Worker, reason: TargetError) -> None:
-        """Kill `worker` and its children unless its task has finished after all."""
+        """Kill `worker` and its children unless its running task has finished after all."""
+        task = worker.inflight[0]
         self._drain(worker)
-        if worker.task is None or worker not in self._workers:
+        if worker not in self._workers or not worker.inflight or worker.inflight[0] is not task:
             return  # the outcome won the race against the deadline or the cancellation
         _kill_tree(worker.process.pid)
         self._reap(worker, reason)
@@ -381,30 +454,36 @@ class TargetPool:
             pass
 
     def _reap(self, worker: _Worker, reason: TargetError | None = None) -> None:
-        """Forget a dead worker; charge its task with `reason`, or with the death itself."""
-        if reason is None:
-            self._drain(worker)
+        """Forget a dead worker. What it finished is delivered (its journal has what it had not
+        sent); the task it was running is charged with `reason`, or with the death itself; the
+        tasks queued behind it never started, and are requeued."""
         self._workers.remove(worker)
-        if worker in self._idle:
-            self._idle.remove(worker)
+        worker.process.join(_STOP_GRACE)
+        self._drain(worker)  # a dead worker's pipe still holds what it sent
+        if worker.inflight:
+            self._take_outcomes(worker, entries(worker.journal.committed()))
         exitcode = _release(worker)
         self._publish_pids()
-        if worker.state is WorkerState.STARTING:
+        if not worker.ready:
+            weight = _KILLED_START_WEIGHT if exitcode == -signal.SIGKILL else 1.0
             self._start_failed(worker.start_error or f"worker {worker.pid} exited before it "
-                               f"was ready, with {describe_exit(exitcode)}")
+                               f"was ready, with {describe_exit(exitcode)}", weight)
             return
-        task = worker.task
-        if task is None:
+        if not worker.inflight:
             if not self._closing:
                 logger.warning("engine worker %s died idle with exit code %s", worker.pid, exitcode)
             return
+        task = worker.inflight.popleft()
+        self._requeued.extendleft(reversed(worker.inflight))
+        worker.inflight.clear()
         self.stats.worker_deaths += 1
         if reason is None:
             reason = WorkerCrashedError(task.target, worker.pid, exitcode)
             logger.warning("%s", reason)
         if isinstance(reason, (WorkerCrashedError, TargetTimeoutError)) and self._retry(task):
             return
-        self._deliver_safely(task, Outcome.failure(reason, started=worker.started, pid=worker.pid))
+        self._deliver_safely(task, Outcome.failure(reason, started=worker.head_since,
+                                                   pid=worker.pid))
 
     def _expire(self) -> None:
         """Kill the workers whose target is past its deadline or over the memory limit."""
@@ -415,11 +494,12 @@ class TargetPool:
         else:
             limit = None  # not time to look at memory yet
         for worker in list(self._workers):
-            task = worker.task
-            if task is None:
+            if not worker.inflight:
                 continue
+            task = worker.inflight[0]
             if worker.deadline is not None and worker.deadline <= now:
-                self._kill(worker, TargetTimeoutError(task.target, task.timeout or 0.0, worker.pid))
+                self._kill(worker, TargetTimeoutError(task.target, task.owner.timeout or 0.0,
+                                                      worker.pid))
             elif limit is not None:
                 # Over the limit and still growing at three checks in a row: killed now. Over
                 # it but steady: the target may finish, and the worker is recycled after it.
@@ -434,8 +514,9 @@ class TargetPool:
         """Stop every worker; a target still running on one (only if the manager failed) is
         requeued, to be failed with the reason."""
         for worker in self._workers:
-            if worker.task is not None:
-                self._requeued.append(worker.task)
+            if worker.inflight:
+                self._requeued.extend(worker.inflight)
+                worker.inflight.clear()
                 _kill_tree(worker.process.pid)
             try:
                 worker.tasks.send_bytes(b"")
@@ -449,7 +530,6 @@ class TargetPool:
             _release(worker)
         self._workers.clear()
         self._retiring.clear()
-        self._idle.clear()
         self._publish_pids()
 
     def _publish_pids(self) -> None:
@@ -457,56 +537,134 @@ class TargetPool:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    def _next_task(self) -> Task | None:
+    def _batch_size(self, owner: Owner) -> int:
+        """Targets to send together: about `BATCH_SECONDS` of work; one while it is unknown."""
+        pace = self._paces.get(owner)
+        if pace is None or pace.duration is None:
+            return 1
+        size = min(BATCH_SECONDS / max(pace.duration, 1e-7),
+                   MAX_BATCH_BYTES / max(pace.request_bytes, 1.0))
+        return max(1, min(MAX_BATCH, int(size)))
+
+    def _next_batch(self, room: int) -> list[Task]:
+        """Up to `room` tasks of one owner: requeued ones first, then round robin over feeds."""
+        batch: list[Task] = []
         while self._requeued:
-            task = self._requeued.popleft()
-            if not task.owner.cancelled:
-                return task
-            self._fail(task, TargetCancelledError(task.target, running=False))
+            task = self._requeued[0]
+            if task.owner.cancelled:
+                self._requeued.popleft()
+                self._fail(task, TargetCancelledError(task.target, running=False))
+                continue
+            if batch and (task.owner is not batch[0].owner or task.alone):
+                break
+            batch.append(self._requeued.popleft())
+            if task.alone or len(batch) >= min(room, self._batch_size(task.owner)):
+                break
+        if batch:
+            return batch
         while self._feeds:
-            pulled = self._feeds[0].next_task()
-            if pulled is None:
+            feed = self._feeds[0]
+            batch = feed.next_tasks(min(room, self._batch_size(feed)))
+            if not batch:
                 self._feeds.popleft()
                 continue
             self._feeds.rotate(-1)  # round robin: a small invocation is not stuck behind a big one
-            return pulled
-        return None
+            return batch
+        return []
+
+    def _room(self, worker: _Worker) -> int:
+        """How many more tasks `worker` may be sent now; 0 if none.
+
+        An idle worker gets a batch. A busy one gets the next batch ahead of time only when its
+        targets are quick (so nothing waits long behind them) and one batch is not queued yet.
+        """
+        if not worker.ready or worker.gone or worker.held is not None:
+            return 0
+        room = MAX_BATCH
+        if self._limits.max_tasks_per_worker is not None:
+            room = self._limits.max_tasks_per_worker - worker.tasks_run - len(worker.inflight)
+        if worker.inflight:
+            owner = worker.inflight[-1].owner
+            pace = self._paces.get(owner)
+            if pace is None or pace.duration is None or pace.duration >= BATCH_SECONDS \
+                    or len(worker.inflight) > self._batch_size(owner):
+                return 0
+        return max(0, room)
 
     def _dispatch(self) -> None:
         if self._broken is not None:
             self._fail_everything()
             return
-        while self._idle:
-            task = self._next_task()
-            if task is None:
-                return
-            self._send(self._idle.pop(), task)
+        sent = True
+        while sent:
+            sent = False
+            for worker in sorted(self._workers, key=lambda w: len(w.inflight)):
+                room = self._room(worker)
+                if not room:
+                    continue
+                batch = self._next_batch(room)
+                if not batch:
+                    return
+                self._send(worker, batch)
+                sent = True
 
-    def _send(self, worker: _Worker, task: Task) -> None:
+    def _send(self, worker: _Worker, batch: list[Task]) -> None:
+        owner = batch[0].owner
         try:
-            request = cloudpickle.dumps(task.request, protocol=pickle.HIGHEST_PROTOCOL)
+            requests = cloudpickle.dumps([task.request for task in batch],
+                                         protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:
-            self._idle.append(worker)
-            self._fail(task, SerializationError(task.target, "request",
-                                                f"{type(exc).__name__}: {exc}"))
+            if len(batch) > 1:  # find the culprit: each is pickled on its own
+                for task in batch:
+                    task.alone = True
+                self._requeued.extendleft(reversed(batch))
+                return
+            self._fail(batch[0], SerializationError(batch[0].target, "request",
+                                                    f"{type(exc).__name__}: {exc}"))
             return
-        self._next_task_id += 1
-        message = pickle.dumps([(self._next_task_id, task.fn_blob, request, task.context)],
-                               protocol=pickle.HIGHEST_PROTOCOL)
+        self._paces.setdefault(owner, _Pace()).request_bytes = len(requests) / len(batch)
+        if len(requests) > MAX_BATCH_BYTES and len(batch) > 1:
+            half = len(batch) // 2  # keep one message's memory bounded
+            self._requeued.extendleft(reversed(batch[half:]))
+            self._send(worker, batch[:half])
+            return
+        functions: dict[bytes, int] = {}
+        items = []
+        for task in batch:
+            self._next_task_id += 1
+            task.id = self._next_task_id
+            position = functions.setdefault(task.fn_blob, len(functions))
+            items.append((task.id, position, task.target, task.index))
+        message = pickle.dumps((owner.prefix, owner.timeout is not None, list(functions), items,
+                                requests), protocol=pickle.HIGHEST_PROTOCOL)
+        if worker.inflight and len(message) > _PREFETCH_BYTES:
+            worker.held = (batch, message)  # a write that could block waits for an idle worker
+            return
+        self._send_message(worker, batch, message)
+
+    def _send_message(self, worker: _Worker, batch: list[Task], message: bytes) -> None:
+        worker.held = None
         try:
             worker.tasks.send_bytes(message)
         except OSError:
-            self._requeued.appendleft(task)  # it never reached the worker; its sentinel reaps it
+            worker.gone = True  # its sentinel reaps it
+            self._requeued.extendleft(reversed(batch))  # it never got there
             return
-        worker.task, worker.state, worker.started = task, WorkerState.BUSY, time.time()
-        worker.last_rss, worker.growth = None, 0
-        worker.deadline = None if task.timeout is None else time.monotonic() + task.timeout
+        idle = not worker.inflight
+        worker.inflight.extend(batch)
+        if idle:
+            self._started(worker, time.time())
 
     def _fail_everything(self) -> None:
         """Nothing can run: every waiting task fails now rather than wait forever."""
         self._take_commands()  # feeds sent before the manager stopped accepting them
-        while (task := self._next_task()) is not None:
-            self._fail(task, self._unrunnable(task))
+        for worker in self._workers:
+            if worker.held is not None:
+                self._requeued.extend(worker.held[0])
+                worker.held = None
+        while batch := self._next_batch(MAX_BATCH):
+            for task in batch:
+                self._fail(task, self._unrunnable(task))
 
     def _unrunnable(self, task: Task) -> TargetError:
         error, reason = self._broken or (EngineBrokenError, "it is shut down")
@@ -522,11 +680,16 @@ class TargetPool:
             logger.critical("engine failed to record the result of %r", task.target, exc_info=True)
 
 
-def _outcome(task: Task, pid: int | None, ok: bool, body: bytes, text: str | None,
-             started: float, finished: float) -> Outcome:
-    """Unpickle a worker's message in the caller; a body that won't load fails only this task."""
+def _outcome(task: Task, pid: int | None, ok: bool, body: memoryview, started: float,
+             finished: float) -> Outcome:
+    """Unpickle a worker's report in the caller; a body that won't load fails only this task."""
+    text = None
     try:
-        value = pickle.loads(body)
+        if ok:
+            value = pickle.loads(body)
+        else:
+            blob, text = pickle.loads(body)
+            value = pickle.loads(blob)
     except BaseException as exc:
         detail = f"unpickling in the caller failed: {type(exc).__name__}: {exc}"
         if ok:
@@ -537,11 +700,13 @@ def _outcome(task: Task, pid: int | None, ok: bool, body: bytes, text: str | Non
 
 
 def _release(worker: _Worker) -> int | None:
-    """Reap a worker that has exited or been killed, close its pipes; its exit code."""
+    """Reap a worker that has exited or been killed, close its pipes and journal; its exit
+    code."""
     worker.process.join(_STOP_GRACE)
     exitcode: int | None = worker.process.exitcode
     for conn in (worker.tasks, worker.outcomes):
         conn.close()
+    worker.journal.close()
     return exitcode
 
 

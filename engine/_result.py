@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 import time
 import traceback as traceback_module
-from typing import Any
+from typing import Any, NamedTuple
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -16,8 +16,7 @@ def utc_timestamp(epoch: float) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime(TIMESTAMP_FORMAT)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
     """What the target pool reports for one target: the raw facts, before any bookkeeping."""
 
     ok: bool

@@ -1,15 +1,20 @@
-"""The loop of a worker process: receive targets, run them one at a time, send each outcome back.
+"""The loop of a worker process: receive batches of targets, run them in order, report each.
 
-Every spawned worker imports this module, so it imports little. It owns two pipes, both created
-by the target pool: it reads task batches from one and writes one message per outcome to the
-other. Messages are plain pickles of tuples; the function, request and response inside them are
-separate cloudpickle blobs, so that one that fails to (un)pickle fails only its own target.
+Every spawned worker imports this module, so it imports little. It owns two pipes and a journal,
+all created by the target pool:
 
-    pool -> worker   b""                                         stop
-                     pickle([(task_id, fn_blob, req_blob, ctx)])  run these, in order
-    worker -> pool   pickle((READY, pid))                         once, when ready to serve
-                     pickle((START_FAILED, traceback))            instead, then it exits
-                     pickle((task_id, ok, body_blob, tb, started, finished))   per target
+    pool -> worker   b""                                      stop
+                     pickle(Batch message, see `run_batch`)   run these, in order
+    worker -> pool   CONTROL + pickle((READY, pid))           once, when ready to serve
+                     CONTROL + pickle((START_FAILED, tb))     instead, then it exits
+                     OUTCOMES + entries                       outcomes, in the order they ran
+                     LARGE + entry header, then the body      one outcome too big for the journal
+
+Each outcome is committed to the journal as soon as it exists; the journal is sent when the batch
+is done, when it is full, when the targets have a time limit (the pool then knows when the next
+one started) and at least every `FLUSH_INTERVAL`. A worker that dies mid-batch therefore loses no
+finished outcome: the pool reads its journal. Bodies are pickled one by one, so a response or an
+exception that fails to (un)pickle fails only its own target.
 """
 
 from __future__ import annotations
@@ -27,32 +32,39 @@ from typing import Any
 import cloudpickle
 from tblib import pickling_support
 
-from ._context import CallContext, Channel, _current
+from ._context import _current
 from ._exceptions import RemoteError, SerializationError
+from ._journal import ENTRY, Journal
 
-READY = -1  #: the task id of the worker's first message, which carries its pid
-START_FAILED = -2  #: the task id of its first message if its initializer raised
+CONTROL = b"C"  #: the first byte of a READY or START_FAILED message
+LARGE = b"L"  #: the first byte of the header of an outcome sent on its own
+READY = -1
+START_FAILED = -2
+FAILED, OK, UNLOADED = 0, 1, 2  #: entry statuses; UNLOADED: its batch did not unpickle, not run
+FLUSH_INTERVAL = 0.001  #: seconds a finished outcome may wait for the rest of its batch
 _FUNCTION_CACHE_SIZE = 256
 _PARENT_CHECK_INTERVAL = 0.5
+_PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-def serve(tasks: Connection, outcomes: Connection, parent_pid: int,
+def serve(tasks: Connection, outcomes: Connection, journal: Journal, parent_pid: int,
           initializer: bytes | None = None) -> None:
     """Run task batches from `tasks` until told to stop or the pool goes away."""
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True,
                      name="engine-orphan-watch").start()
-    functions: dict[bytes, Callable[[Any], Any]] = {}
     if initializer is not None:
         try:
             fn, args = pickle.loads(initializer)
             fn(*args)
         except BaseException as exc:
-            outcomes.send_bytes(pickle.dumps((START_FAILED, "".join(
-                traceback.format_exception(exc)))))
+            text = "".join(traceback.format_exception(exc))
+            outcomes.send_bytes(CONTROL + pickle.dumps((START_FAILED, text)))
             os._exit(3)
-    outcomes.send_bytes(pickle.dumps((READY, os.getpid())))
+    outcomes.send_bytes(CONTROL + pickle.dumps((READY, os.getpid())))
+    reporter = _Reporter(outcomes, journal)
+    functions: dict[bytes, Callable[[Any], Any] | SerializationError] = {}
     while True:
         try:
             message = tasks.recv_bytes()
@@ -60,8 +72,7 @@ def serve(tasks: Connection, outcomes: Connection, parent_pid: int,
             return  # the pool closed our pipe or died
         if not message:
             return
-        for task_id, fn_blob, req_blob, ctx in pickle.loads(message):
-            outcomes.send_bytes(_run(task_id, fn_blob, req_blob, ctx, functions))
+        run_batch(pickle.loads(message), functions, reporter)
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
@@ -71,68 +82,129 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _run(task_id: int, fn_blob: bytes, req_blob: bytes, ctx: tuple[Any, ...],
-         functions: dict[bytes, Callable[[Any], Any]]) -> bytes:
-    context = CallContext(Channel(ctx[0]), *ctx[1:])
-    target = context.target or "?"
-    started = time.time()
+class _Reporter:
+    """Commits outcomes to the journal and decides when to send them."""
+
+    def __init__(self, outcomes: Connection, journal: Journal) -> None:
+        self._outcomes, self._journal = outcomes, journal
+        self._last_flush = time.monotonic()
+
+    def report(self, task_id: int, status: int, started: float, finished: float,
+               body: bytes) -> None:
+        if self._journal.append(task_id, status, started, finished, body):
+            return
+        self.flush()
+        if not self._journal.append(task_id, status, started, finished, body):
+            header = ENTRY.pack(task_id, len(body), status, started, finished)
+            self._outcomes.send_bytes(LARGE + header)
+            self._outcomes.send_bytes(body)  # no copy of a large body
+
+    def flush(self, now: float | None = None) -> None:
+        pending = self._journal.pending()
+        if pending is not None:
+            self._outcomes.send_bytes(pending)
+            self._journal.clear()
+        self._last_flush = time.monotonic() if now is None else now
+
+    def flush_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_flush >= FLUSH_INTERVAL:
+            self.flush(now)
+
+
+def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Reporter) -> None:
+    """Run one batch: ``(prefix, flush_each, fn_blobs, items, requests)``.
+
+    `prefix` is (channel, cid, source) of the invocation; `items` are (task id, position of the
+    function in `fn_blobs`, target name, index); `requests` is one pickle of their requests.
+    """
+    prefix, flush_each, fn_blobs, items, requests_blob = batch
     try:
-        fn = functions.get(fn_blob)
-        if fn is None:
-            if len(functions) >= _FUNCTION_CACHE_SIZE:
-                functions.clear()
-            fn = functions[fn_blob] = _load(fn_blob, target, "function")
-        request = _load(req_blob, target, "request")
-        token = _current.set(context)
+        requests = pickle.loads(requests_blob)
+    except BaseException as exc:
+        if len(items) > 1:  # the pool sends them again one by one, to find the culprit
+            for task_id, *_ in items:
+                now = time.time()
+                reporter.report(task_id, UNLOADED, now, now, b"")
+            reporter.flush()
+            return
+        requests = [SerializationError(items[0][2], "request", f"unpickling in the worker "
+                                       f"failed: {type(exc).__name__}: {exc}")]
+    fns = [_function(blob, items, position, functions) for position, blob in enumerate(fn_blobs)]
+    for (task_id, position, name, index), request in zip(items, requests, strict=True):
+        fn = fns[position]
+        started = time.time()
+        token = _current.set((*prefix, name, index))
         try:
+            if isinstance(request, SerializationError):
+                raise request
+            if isinstance(fn, SerializationError):
+                raise fn
             response = fn(request)
-        finally:
+        except BaseException as exc:
             _current.reset(token)
-    except BaseException as exc:
-        return _failure(task_id, _without_own_frame(exc), started)
-    finished = time.time()
+            reporter.report(task_id, FAILED, started, time.time(), _failure(_own(exc)))
+        else:
+            finished = time.time()
+            _current.reset(token)
+            try:
+                body = _dumps(response)
+            except BaseException as exc:
+                error = SerializationError(name, "response", f"{type(exc).__name__}: {exc}")
+                reporter.report(task_id, FAILED, started, finished, _failure(error))
+            else:
+                reporter.report(task_id, OK, started, finished, body)
+        if flush_each:
+            reporter.flush()
+        else:
+            reporter.flush_if_due()
+    reporter.flush()
+
+
+def _function(blob: bytes, items: list[Any], position: int,
+              functions: dict[bytes, Any]) -> Callable[[Any], Any] | SerializationError:
+    fn = functions.get(blob)
+    if fn is None:
+        if len(functions) >= _FUNCTION_CACHE_SIZE:
+            functions.clear()
+        name = next(item[2] for item in items if item[1] == position)
+        try:
+            fn = pickle.loads(blob)
+        except BaseException as exc:
+            fn = SerializationError(name, "function", f"unpickling in the worker failed: "
+                                                      f"{type(exc).__name__}: {exc}")
+        functions[blob] = fn
+    return fn
+
+
+def _dumps(value: Any) -> bytes:
+    """Plain pickle when it can (fast); cloudpickle for what only it can (lambdas, __main__)."""
     try:
-        body = cloudpickle.dumps(response, protocol=pickle.HIGHEST_PROTOCOL)
-    except BaseException as exc:
-        error = SerializationError(target, "response", f"{type(exc).__name__}: {exc}")
-        return _failure(task_id, error, started)
-    return pickle.dumps((task_id, True, body, None, started, finished),
-                        protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(value, _PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(value, protocol=_PROTOCOL)  # type: ignore[no-any-return]
 
 
-def _load(blob: bytes, target: str, what: str) -> Any:
-    try:
-        return pickle.loads(blob)
-    except BaseException as exc:
-        raise SerializationError(target, what, f"unpickling in the worker failed: "
-                                               f"{type(exc).__name__}: {exc}") from None
-
-
-def _without_own_frame(exc: BaseException) -> BaseException:
+def _own(exc: BaseException) -> BaseException:
     """Drop this module's frame, so the traceback starts in the target's own code."""
     tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code is _run.__code__ and tb.tb_next is not None:
+    if tb is not None and tb.tb_frame.f_code is run_batch.__code__ and tb.tb_next is not None:
         exc.__traceback__ = tb.tb_next
     return exc
 
 
-def _failure(task_id: int, exc: BaseException, started: float) -> bytes:
+def _failure(exc: BaseException) -> bytes:
+    """(exception blob, traceback text): the exception with its traceback and chain (tblib),
+    or its facts as text if it won't travel."""
     text = "".join(traceback.format_exception(exc))
-    body = _dump_exception(exc, text)
-    return pickle.dumps((task_id, False, body, text, started, time.time()),
-                        protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _dump_exception(exc: BaseException, text: str) -> bytes:
-    """The exception with its traceback and chain (tblib); its facts as text if it won't travel."""
     try:
         pickling_support.install(exc)
-        blob: bytes = cloudpickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        blob: bytes = cloudpickle.dumps(exc, protocol=_PROTOCOL)
         pickle.loads(blob)  # custom __init__ signatures fail only here; find out now
-        return blob
     except BaseException:
         fallback = RemoteError(f"{type(exc).__module__}.{type(exc).__qualname__}", _str(exc), text)
-        return pickle.dumps(fallback, protocol=pickle.HIGHEST_PROTOCOL)
+        blob = pickle.dumps(fallback, protocol=_PROTOCOL)
+    return pickle.dumps((blob, text), protocol=_PROTOCOL)
 
 
 def _str(exc: BaseException) -> str:

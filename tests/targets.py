@@ -161,3 +161,29 @@ def take_shared_lock(_: Any = None) -> bool:
     if acquired:
         SHARED_LOCK.release()
     return acquired
+
+
+def log_run(job: tuple[str, int, int | None, str]) -> int:
+    """Append `index` to the file at `path` (one line a run), then crash the worker or hang if
+    this index is `special`: `how` is "exit", "kill" or "hang"."""
+    path, index, special, how = job
+    with open(path, "a") as log:
+        log.write(f"{index}\n")
+    if index == special:
+        if how == "exit":
+            os._exit(7)
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(60)
+    return index
+
+
+def _refuse_to_load(message: str) -> None:
+    raise ValueError(message)
+
+
+class LoadsNowhere:
+    """Pickles fine, but fails to unpickle: in a worker, that fails its target."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _refuse_to_load, ("this request cannot be unpickled",)

@@ -224,7 +224,9 @@ def test_a_lazy_iterator_is_pulled_as_workers_free_up_not_all_at_once() -> None:
                 in_flight.append(pulled - result.index)
         results = eng.wait(cid, timeout=60)
     assert len(results) == count and all(r.ok and r.response == size for r in results)
-    assert max(in_flight) < 100, max(in_flight)
+    # Pulled ahead: the batches in flight (about 1 MB of requests each), plus however far this
+    # loop lags behind the results; never the whole input.
+    assert max(in_flight) < 2_000, max(in_flight)
     assert peak < 200_000_000, f"the caller grew by {peak:,} bytes"
 
 
