@@ -10,10 +10,10 @@ then travel with cloudpickle.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -45,48 +45,52 @@ class CallbackStats:
         return self.submitted - self.finished
 
 
-@dataclasses.dataclass(slots=True)
-class _Job:
-    fn: Callback
-    name: str
-    payload: dict[str, Any]
-    context: CallContext
-    done: Callable[[], None]  #: called once when the callback returned or raised
-    queued: float  #: monotonic seconds
+Context = CallContext | tuple[Any, ...]  #: a CallContext, or the tuple of its fields
+Job = tuple[Callback, str, dict[str, Any], Context, Callable[[], None]]
+"""(callback, its name, payload, context, done): `done` is called once it returned or raised."""
 
 
 class CallbackPool:
-    """Runs each submitted callback once, in isolation: one that raises is logged and counted."""
+    """Runs each submitted callback once, in isolation: one that raises is logged and counted.
+
+    Jobs wait in one deque that every thread takes from; a burst of jobs wakes as many sleeping
+    threads as it needs, at once, instead of one wake-up per job.
+    """
 
     def __init__(self, max_workers: int, executor: concurrent.futures.Executor | None = None):
         if max_workers < 1:
             raise ValueError(f"callback_workers must be at least 1, not {max_workers}")
         self._max_workers = max_workers
         self._executor = executor
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)
+        self._jobs: collections.deque[tuple[Job, float]] = collections.deque()  # (job, queued)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._sleeping = 0  # threads waiting on `_wake`
+        self._stopping = False
         self._threads: list[threading.Thread] = []
         self._running: dict[int, str] = {}  # thread ident -> name of the callback it runs
-        self._lock = threading.Lock()
         self.stats = CallbackStats()
 
-    def submit(self, fn: Callback, name: str, payload: dict[str, Any], context: CallContext,
-               done: Callable[[], None]) -> None:
-        """Queue one call of `fn(payload)`; never blocks."""
-        job = _Job(fn, name, payload, context, done, time.monotonic())
-        with self._lock:
-            self.stats.submitted += 1
-        if self._executor is not None:
-            self._submit_to_executor(job)
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue one call of each job's callback; never blocks."""
+        if not jobs:
             return
-        self._queue.put(job)
-        if not self._idle.acquire(blocking=False):
-            with self._lock:
-                if len(self._threads) < self._max_workers:
-                    thread = threading.Thread(target=self._serve, daemon=True,
-                                              name=f"engine-callback-{len(self._threads)}")
-                    self._threads.append(thread)
-                    thread.start()
+        with self._lock:
+            self.stats.submitted += len(jobs)
+        if self._executor is not None:
+            for job in jobs:
+                self._submit_to_executor(job)
+            return
+        queued = time.monotonic()
+        self._jobs.extend((job, queued) for job in jobs)
+        with self._lock:
+            self._wake.notify(min(len(jobs), self._sleeping))
+            wanted = min(len(jobs) - self._sleeping, self._max_workers - len(self._threads))
+            for _ in range(max(0, wanted)):
+                thread = threading.Thread(target=self._serve, daemon=True,
+                                          name=f"engine-callback-{len(self._threads)}")
+                self._threads.append(thread)
+                thread.start()
 
     def owns_current_thread(self) -> bool:
         """True on one of this pool's threads: a callback must not wait for its own pool."""
@@ -94,45 +98,58 @@ class CallbackPool:
 
     def running(self) -> list[str]:
         """Names of the callbacks running now."""
-        with self._lock:
-            return list(self._running.values())
+        return list(self._running.values())
 
     def shutdown(self, timeout: float | None = None) -> list[str]:
         """Run what is queued, stop the threads; the names of callbacks still running at timeout."""
         with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
             threads = list(self._threads)
-        for _ in threads:
-            self._queue.put(None)
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self.running()
 
     def _serve(self) -> None:
-        while (job := self._queue.get()) is not None:
-            self._call(job)
-            self._idle.release()
-
-    def _call(self, job: _Job) -> None:
         ident = threading.get_ident()
-        with self._lock:
-            self._running[ident] = job.name
-            self.stats.max_lag = max(self.stats.max_lag, time.monotonic() - job.queued)
-        token = _current.set(job.context)
+        while True:
+            try:
+                job, queued = self._jobs.popleft()
+            except IndexError:
+                with self._lock:
+                    while not self._jobs and not self._stopping:
+                        self._sleeping += 1
+                        self._wake.wait()
+                        self._sleeping -= 1
+                    if not self._jobs:
+                        return  # stopping, and nothing is left to run
+                continue
+            lag = time.monotonic() - queued
+            if lag > self.stats.max_lag:
+                self.stats.max_lag = lag
+            self._running[ident] = job[1]
+            try:
+                self._call(job)
+            finally:
+                del self._running[ident]
+
+    def _call(self, job: Job) -> None:
+        fn, _, payload, context, _ = job
+        token = _current.set(context)
         try:
-            job.fn(job.payload)
+            fn(payload)
         except BaseException as exc:
             self._finished(job, exc)
         else:
             self._finished(job, None)
         finally:
             _current.reset(token)
-            with self._lock:
-                self._running.pop(ident, None)
 
-    def _submit_to_executor(self, job: _Job) -> None:
+    def _submit_to_executor(self, job: Job) -> None:
         assert self._executor is not None
-        blob = cloudpickle.dumps((job.fn, job.payload, job.context))
+        fn, _, payload, context, _ = job
+        blob = cloudpickle.dumps((fn, payload, context))
         try:
             future = self._executor.submit(_call_pickled, blob)
         except BaseException as exc:  # a broken or shut-down executor still counts the call
@@ -140,19 +157,22 @@ class CallbackPool:
             return
         future.add_done_callback(lambda f: self._finished(job, f.exception()))
 
-    def _finished(self, job: _Job, exc: BaseException | None) -> None:
+    def _finished(self, job: Job, exc: BaseException | None) -> None:
+        fn, name, _, context, done = job
         with self._lock:
             if exc is None:
                 self.stats.succeeded += 1
             else:
                 self.stats.failed += 1
         if exc is not None:
-            logger.error("engine callback %s for cid %s (%s) raised", job.name, job.context.cid,
-                         job.context.channel, exc_info=(type(exc), exc, exc.__traceback__))
+            cid, channel = (context[1], context[0]) if isinstance(context, tuple) \
+                else (context.cid, context.channel)
+            logger.error("engine callback %s for cid %s (%s) raised", name, cid, channel,
+                         exc_info=(type(exc), exc, exc.__traceback__))
         try:
-            job.done()
+            done()
         except BaseException:
-            logger.critical("engine failed to account for callback %s", job.name, exc_info=True)
+            logger.critical("engine failed to account for callback %s", name, exc_info=True)
 
 
 def _call_pickled(blob: bytes) -> None:

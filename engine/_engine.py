@@ -6,6 +6,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import enum
+import itertools
 import logging
 import os
 import re
@@ -283,8 +284,10 @@ class Engine:
             callbacks = [callbacks]
         return [self._registry.resolve(callback, "callback") for callback in callbacks]
 
-    def _deliver(self, task: Task, outcome: Outcome) -> None:
-        cast(Invocation, task.owner).record(task.index, task.target, outcome, task.attempt)
+    def _deliver(self, reports: list[tuple[Task, Outcome]]) -> None:
+        for owner, group in itertools.groupby(reports, key=lambda report: report[0].owner):
+            cast(Invocation, owner).record_all(
+                [(task.index, task.target, outcome, task.attempt) for task, outcome in group])
 
     def _retire(self, invocation: Invocation) -> None:
         with self._lock:

@@ -155,36 +155,51 @@ class Invocation:
 
     def record(self, index: int, target: str, outcome: Outcome, attempts: int = 1) -> None:
         """Record a target's only result and queue its callbacks; never waits on them."""
-        result = Result(self.cid, target, index, outcome.ok,
-                        outcome.value if outcome.ok else None,
-                        None if outcome.ok else outcome.value,
-                        None if outcome.ok else outcome.traceback,
-                        self.req_ts, outcome.finished, outcome.started, outcome.pid, attempts)
-        payload = result.payload(self.source, with_attempts=self.retries > 0) \
-            if self.on_target or self.on_final else None
+        self.record_all([(index, target, outcome, attempts)])
+
+    def record_all(self, reports: Sequence[tuple[int, str, Outcome, int]]) -> None:
+        """Record results of (index, target name, outcome, attempts); one lock for them all."""
+        req_ts, cid = self.req_ts, self.cid
+        results = [Result._make((cid, target, index, ok, value if ok else None,
+                                 None if ok else value, traceback, req_ts, finished, started, pid,
+                                 attempts))
+                   for index, target, (ok, value, traceback, started, finished, pid), attempts
+                   in reports]
+        payloads: list[dict[str, Any]] = []
+        if self.on_target or self.on_final:
+            with_attempts = self.retries > 0
+            payloads = [result.payload(self.source, with_attempts) for result in results]
+        recorded = self._recorded
         with self._cond:
-            if index < len(self._recorded) and self._recorded[index]:
-                logger.error("engine got a second result for target %d of cid %s; ignored",
-                             index, self.cid)
-                return
-            if index >= len(self._recorded):
-                self._recorded.extend(bytes(max(index + 1 - len(self._recorded),
-                                                len(self._recorded))))
-            self._recorded[index] = 1
-            self._count += 1
+            fresh = []
+            for position, result in enumerate(results):
+                index = result.index
+                if index >= len(recorded):
+                    recorded.extend(bytes(max(index + 1 - len(recorded), len(recorded))))
+                elif recorded[index]:
+                    logger.error("engine got a second result for target %d of cid %s; ignored",
+                                 index, cid)
+                    continue
+                recorded[index] = 1
+                fresh.append(position)
+            self._count += len(fresh)
             if self.keep_results:
-                self.results[index] = result
-                self.completed.append(result)
-            if self.on_final and payload is not None:
-                self._data.append(payload)
-            self._pending_callbacks += len(self.on_target)
+                for position in fresh:
+                    self.results[results[position].index] = results[position]
+                    self.completed.append(results[position])
+            if self.on_final and payloads:
+                self._data.extend(payloads[position] for position in fresh)
+            self._pending_callbacks += len(self.on_target) * len(fresh)
             all_done = self._all_targets_done()
             self._cond.notify_all()
-        if payload is not None:
-            on_target = _CHANNELS[self.channel][0]
-            context = CallContext(on_target, self.cid, self.source, target, index)
-            for name, fn in self.on_target:
-                self._callbacks.submit(fn, name, dict(payload), context, self._callback_done)
+        if self.on_target and payloads:
+            channel = _CHANNELS[self.channel][0].value
+            shared = len(self.on_target) + bool(self.on_final) > 1  # each gets its own copy
+            self._callbacks.submit([
+                (fn, name, dict(payloads[position]) if shared else payloads[position],
+                 (channel, cid, self.source, results[position].target, results[position].index),
+                 self._callback_done)
+                for position in fresh for name, fn in self.on_target])
         if all_done:
             self._finish_targets()
 
@@ -216,9 +231,8 @@ class Invocation:
                 "on_target": [name for name, _ in self.on_target],
                 "on_final": [name for name, _ in self.on_final],
             }
-            for name, fn in self.on_final:
-                self._callbacks.submit(fn, name, {**payload, "data": list(self._data)}, context,
-                                       self._callback_done)
+            self._callbacks.submit([(fn, name, {**payload, "data": list(self._data)}, context,
+                                     self._callback_done) for name, fn in self.on_final])
         self._callback_done(0)
 
     def _callback_done(self, count: int = 1) -> None:

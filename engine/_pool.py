@@ -118,7 +118,7 @@ class Owner(Protocol):
         """Up to `limit` next tasks, pulled only as workers free up; [] when there are no more."""
 
 
-Deliver = Callable[[Task, Outcome], None]
+Deliver = Callable[[list[tuple[Task, Outcome]]], None]  #: results, in the order they ran
 
 
 class _Worker:
@@ -386,7 +386,7 @@ class TargetPool:
     def _take_outcomes(self, worker: _Worker,
                        outcomes: Iterable[tuple[int, int, float, float, memoryview]]) -> None:
         """Deliver what a worker reports, in the order it ran them; skip what was delivered."""
-        inflight, resend = worker.inflight, []
+        inflight, resend, delivered = worker.inflight, [], []
         busy, count, owner = 0.0, 0, None
         for task_id, status, started, finished, body in outcomes:
             if not inflight or task_id < inflight[0].id:
@@ -402,7 +402,9 @@ class TargetPool:
             outcome = _outcome(task, worker.pid, status == OK, body, started, finished)
             if outcome.ok or not isinstance(outcome.value, task.owner.retry_on) \
                     or not self._retry(task):
-                self._deliver_safely(task, outcome)
+                delivered.append((task, outcome))
+        if delivered:
+            self._deliver_safely(delivered)
         self._requeued.extendleft(reversed(resend))
         worker.deadline = None
         if owner is not None:
@@ -482,8 +484,8 @@ class TargetPool:
             logger.warning("%s", reason)
         if isinstance(reason, (WorkerCrashedError, TargetTimeoutError)) and self._retry(task):
             return
-        self._deliver_safely(task, Outcome.failure(reason, started=worker.head_since,
-                                                   pid=worker.pid))
+        self._deliver_safely([(task, Outcome.failure(reason, started=worker.head_since,
+                                                     pid=worker.pid))])
 
     def _expire(self) -> None:
         """Kill the workers whose target is past its deadline or over the memory limit."""
@@ -671,13 +673,14 @@ class TargetPool:
         return error(task.target, reason)
 
     def _fail(self, task: Task, error: TargetError) -> None:
-        self._deliver_safely(task, Outcome.failure(error))
+        self._deliver_safely([(task, Outcome.failure(error))])
 
-    def _deliver_safely(self, task: Task, outcome: Outcome) -> None:
+    def _deliver_safely(self, reports: list[tuple[Task, Outcome]]) -> None:
         try:
-            self._deliver(task, outcome)
+            self._deliver(reports)
         except BaseException:
-            logger.critical("engine failed to record the result of %r", task.target, exc_info=True)
+            names = sorted({task.target for task, _ in reports})
+            logger.critical("engine failed to record results of %s", names, exc_info=True)
 
 
 def _outcome(task: Task, pid: int | None, ok: bool, body: memoryview, started: float,

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import time
 import traceback as traceback_module
 from typing import Any, NamedTuple
 
-TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
-
 
 def utc_timestamp(epoch: float) -> str:
-    """``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC, the payload's timestamp format."""
-    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime(TIMESTAMP_FORMAT)
+    """``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC, the payload's timestamp format.
+
+    Called for every result, so the date and time of the last second seen are reused.
+    """
+    global _last_second
+    second, cached = int(epoch), _last_second  # one read: other threads may replace it
+    if cached[0] != second:
+        cached = _last_second = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int((epoch - second) * 1_000_000):06d}"
+
+
+_last_second = (-1, "")
 
 
 class Outcome(NamedTuple):
@@ -34,9 +40,9 @@ class Outcome(NamedTuple):
         return cls(False, exc, text, started, time.time() if finished is None else finished, pid)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Result:
-    """The one result of one target of an invocation.
+class Result(NamedTuple):
+    """The one result of one target of an invocation: an immutable value (a named tuple, which
+    is cheap to make: the engine makes one for every target).
 
     `exception` is the real exception object: a target's own exception (re-raising it shows the
     worker's frames), or an `engine.TargetError` saying why there is no response.
@@ -44,7 +50,7 @@ class Result:
 
     cid: str
     target: str  #: the target's name: registered name, ``module:function`` path or qualname
-    index: int  #: the target's position in the invocation
+    index: int  # type: ignore[assignment]  # (shadows tuple.index) the position in the input
     ok: bool
     response: Any  #: what the target returned; None if it failed
     exception: BaseException | None
