@@ -6,12 +6,12 @@
 ...     results = eng.wait(cid)
 """
 
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import Any as _Any
+
 from ._context import CallContext as CallContext
 from ._context import Channel as Channel
 from ._context import current_context as current_context
-from ._engine import Engine as Engine
-from ._engine import EngineState as EngineState
-from ._engine import EngineStats as EngineStats
 from ._exceptions import DuplicateCidError as DuplicateCidError
 from ._exceptions import EngineBrokenError as EngineBrokenError
 from ._exceptions import EngineClosedError as EngineClosedError
@@ -52,7 +52,29 @@ __all__ = [
     "current_context",
 ]
 
-for _name in __all__:  # errors and reprs say engine.X, not engine._module.X
+# The engine itself is imported on first use: a worker process imports this package too (for
+# engine._worker), and starts faster without it.
+_LAZY = {"Engine", "EngineState", "EngineStats"}
+if _TYPE_CHECKING:
+    from ._engine import Engine as Engine
+    from ._engine import EngineState as EngineState
+    from ._engine import EngineStats as EngineStats
+else:
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | _LAZY)
+
+    def __getattr__(name: str) -> _Any:
+        if name not in _LAZY:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from . import _engine
+
+        for lazy in _LAZY:
+            value = getattr(_engine, lazy)
+            value.__module__ = __name__
+            globals()[lazy] = value
+        return globals()[name]
+
+for _name in set(__all__) - _LAZY:  # errors and reprs say engine.X, not engine._module.X
     globals()[_name].__module__ = __name__
 del _name
 

@@ -6,7 +6,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import enum
-import itertools
 import logging
 import os
 import re
@@ -26,8 +25,8 @@ from ._context import Channel
 from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledError
 from ._invocation import Invocation, NamedCallback, Phase
 from ._names import Registry
-from ._pool import Limits, TargetPool, Task
-from ._result import Outcome, Result
+from ._pool import Limits, Owner, Report, TargetPool, Task
+from ._result import Result
 
 logger = logging.getLogger("engine")
 
@@ -284,10 +283,8 @@ class Engine:
             callbacks = [callbacks]
         return [self._registry.resolve(callback, "callback") for callback in callbacks]
 
-    def _deliver(self, reports: list[tuple[Task, Outcome]]) -> None:
-        for owner, group in itertools.groupby(reports, key=lambda report: report[0].owner):
-            cast(Invocation, owner).record_all(
-                [(task.index, task.target, outcome, task.attempt) for task, outcome in group])
+    def _deliver(self, owner: Owner, reports: list[Report]) -> None:
+        cast(Invocation, owner).record_all(reports)
 
     def _retire(self, invocation: Invocation) -> None:
         with self._lock:

@@ -17,10 +17,11 @@ from ._callbacks import Callback, CallbackPool
 from ._context import CallContext, Channel
 from ._exceptions import SerializationError, TargetCancelledError
 from ._names import Registry
-from ._pool import Task
+from ._pool import Report, Task
 from ._result import Outcome, Result, utc_timestamp
 
 logger = logging.getLogger("engine")
+_new_result = tuple.__new__  # a Result without the checks of its __new__: one per target
 
 NamedCallback = tuple[str, Callback]
 
@@ -155,15 +156,15 @@ class Invocation:
 
     def record(self, index: int, target: str, outcome: Outcome, attempts: int = 1) -> None:
         """Record a target's only result and queue its callbacks; never waits on them."""
-        self.record_all([(index, target, outcome, attempts)])
+        self.record_all([(index, target, *outcome, attempts)])
 
-    def record_all(self, reports: Sequence[tuple[int, str, Outcome, int]]) -> None:
-        """Record results of (index, target name, outcome, attempts); one lock for them all."""
+    def record_all(self, reports: Sequence[Report]) -> None:
+        """Record the results of a batch (see `Report`) under one lock, and queue callbacks."""
         req_ts, cid = self.req_ts, self.cid
-        results = [Result._make((cid, target, index, ok, value if ok else None,
-                                 None if ok else value, traceback, req_ts, finished, started, pid,
-                                 attempts))
-                   for index, target, (ok, value, traceback, started, finished, pid), attempts
+        results = [_new_result(Result, (cid, target, index, ok, value if ok else None,
+                                        None if ok else value, traceback, req_ts, finished,
+                                        started, pid, attempts))
+                   for index, target, ok, value, traceback, started, finished, pid, attempts
                    in reports]
         payloads: list[dict[str, Any]] = []
         if self.on_target or self.on_final:

@@ -15,10 +15,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import tempfile
 from collections.abc import Iterator
-from multiprocessing.reduction import DupFd
-from typing import Any
 
 OUTCOMES = b"O"  #: the first byte of a message of outcome entries
 ENTRY = struct.Struct("<QIBdd")  #: task id, body length, status, started, finished
@@ -37,16 +34,16 @@ class Journal:
 
     @classmethod
     def create(cls, size: int) -> Journal:
+        """A new journal in the caller; its `fd` is passed to the worker, which maps it too."""
         if hasattr(os, "memfd_create"):
             fd = os.memfd_create("engine-journal", os.MFD_CLOEXEC)
         else:  # pragma: no cover - Linux has memfd_create
+            import tempfile
+
             with tempfile.TemporaryFile() as file:
                 fd = os.dup(file.fileno())
         os.ftruncate(fd, size)
         return cls(fd, size)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _attach, (DupFd(self.fd), self.size)
 
     # -- the worker's side -------------------------------------------------------------------
 
@@ -80,10 +77,6 @@ class Journal:
     def close(self) -> None:
         self._map.close()
         os.close(self.fd)
-
-
-def _attach(fd: Any, size: int) -> Journal:
-    return Journal(fd.detach(), size)
 
 
 def entries(message: bytes | memoryview) -> Iterator[tuple[int, int, float, float, memoryview]]:

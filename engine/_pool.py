@@ -46,12 +46,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any, Protocol
 
 import cloudpickle
 import psutil
-from loky.backend import get_context
 
 from ._exceptions import (
     EngineBrokenError,
@@ -65,9 +64,10 @@ from ._exceptions import (
     WorkerStartError,
     describe_exit,
 )
-from ._journal import ENTRY, OUTCOMES, Journal, entries
+from ._journal import ENTRY, OUTCOMES, entries
+from ._process import WorkerProcess
 from ._result import Outcome
-from ._worker import LARGE, OK, START_FAILED, UNLOADED, serve
+from ._worker import LARGE, OK, START_FAILED, UNLOADED
 
 logger = logging.getLogger("engine")
 
@@ -118,7 +118,9 @@ class Owner(Protocol):
         """Up to `limit` next tasks, pulled only as workers free up; [] when there are no more."""
 
 
-Deliver = Callable[[list[tuple[Task, Outcome]]], None]  #: results, in the order they ran
+# (index, target name, ok, value, traceback, started, finished, pid, attempts): see `Outcome`
+Report = tuple[int, str, bool, Any, str | None, float | None, float, int | None, int]
+Deliver = Callable[[Owner, list[Report]], None]  #: an owner's results, in the order they ran
 
 
 class _Worker:
@@ -126,10 +128,10 @@ class _Worker:
                  "large", "gone", "head_since", "deadline", "tasks_run", "last_rss", "growth",
                  "start_error")
 
-    def __init__(self, process: Any, tasks: Connection, outcomes: Connection,
-                 journal: Journal) -> None:
-        self.process, self.tasks, self.outcomes, self.journal = process, tasks, outcomes, journal
-        self.pid: int | None = process.pid
+    def __init__(self, process: WorkerProcess) -> None:
+        self.process = process
+        self.tasks, self.outcomes, self.journal = process.tasks, process.outcomes, process.journal
+        self.pid: int = process.pid
         self.ready = False  # it has said it serves
         self.inflight: collections.deque[Task] = collections.deque()  # sent, in run order
         self.held: tuple[list[Task], bytes] | None = None  # a batch waiting for it to be idle
@@ -181,7 +183,6 @@ class TargetPool:
         self._size = size
         self._deliver = deliver
         self._limits = limits
-        self._context = get_context("loky")  # fork+exec: safe with threads, on 3.14 as well
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -314,24 +315,12 @@ class TargetPool:
         if self._broken is not None or (self._closing and not self._has_work()):
             return
         while len(self._workers) < self._size:
-            tasks_r, tasks_w = self._context.Pipe(duplex=False)
-            outcomes_r, outcomes_w = self._context.Pipe(duplex=False)
-            journal = Journal.create(_JOURNAL_SIZE)
-            process = self._context.Process(
-                target=serve, name="engine-worker",
-                args=(tasks_r, outcomes_w, journal, os.getpid(), self._limits.initializer))
             try:
-                process.start()
+                process = WorkerProcess(_JOURNAL_SIZE, self._limits.initializer)
             except OSError as exc:
-                tasks_w.close()
-                outcomes_r.close()
-                journal.close()
                 self._start_failed(f"{type(exc).__name__}: {exc}")
                 return
-            finally:
-                tasks_r.close()  # the child has its own copies now
-                outcomes_w.close()
-            self._workers.append(_Worker(process, tasks_w, outcomes_r, journal))
+            self._workers.append(_Worker(process))
             self.stats.workers_started += 1
         self._publish_pids()
 
@@ -386,8 +375,10 @@ class TargetPool:
     def _take_outcomes(self, worker: _Worker,
                        outcomes: Iterable[tuple[int, int, float, float, memoryview]]) -> None:
         """Deliver what a worker reports, in the order it ran them; skip what was delivered."""
-        inflight, resend, delivered = worker.inflight, [], []
-        busy, count, owner = 0.0, 0, None
+        inflight, resend = worker.inflight, []
+        reports: list[Report] = []
+        busy, count = 0.0, 0
+        owner: Owner | None = None
         for task_id, status, started, finished, body in outcomes:
             if not inflight or task_id < inflight[0].id:
                 continue  # read again from the journal after it was sent
@@ -398,13 +389,28 @@ class TargetPool:
                 task.alone = True
                 resend.append(task)
                 continue
-            busy, count, owner = busy + finished - started, count + 1, task.owner
-            outcome = _outcome(task, worker.pid, status == OK, body, started, finished)
-            if outcome.ok or not isinstance(outcome.value, task.owner.retry_on) \
-                    or not self._retry(task):
-                delivered.append((task, outcome))
-        if delivered:
-            self._deliver_safely(delivered)
+            if task.owner is not owner:
+                if owner is not None and reports:
+                    self._deliver_safely(owner, reports)
+                    reports = []
+                owner = task.owner
+            busy, count = busy + finished - started, count + 1
+            if status == OK:
+                try:
+                    reports.append((task.index, task.target, True, pickle.loads(body), None,
+                                    started, finished, worker.pid, task.attempt))
+                    continue
+                except BaseException as exc:
+                    detail = f"unpickling in the caller failed: {type(exc).__name__}: {exc}"
+                    outcome = Outcome.failure(SerializationError(task.target, "response", detail),
+                                              started=started, finished=finished, pid=worker.pid)
+            else:
+                outcome = _failure(body, started, finished, worker.pid)
+                if isinstance(outcome.value, task.owner.retry_on) and self._retry(task):
+                    continue
+            reports.append((task.index, task.target, *outcome, task.attempt))
+        if owner is not None and reports:
+            self._deliver_safely(owner, reports)
         self._requeued.extendleft(reversed(resend))
         worker.deadline = None
         if owner is not None:
@@ -484,8 +490,8 @@ class TargetPool:
             logger.warning("%s", reason)
         if isinstance(reason, (WorkerCrashedError, TargetTimeoutError)) and self._retry(task):
             return
-        self._deliver_safely([(task, Outcome.failure(reason, started=worker.head_since,
-                                                     pid=worker.pid))])
+        outcome = Outcome.failure(reason, started=worker.head_since, pid=worker.pid)
+        self._deliver_safely(task.owner, [(task.index, task.target, *outcome, task.attempt)])
 
     def _expire(self) -> None:
         """Kill the workers whose target is past its deadline or over the memory limit."""
@@ -673,43 +679,34 @@ class TargetPool:
         return error(task.target, reason)
 
     def _fail(self, task: Task, error: TargetError) -> None:
-        self._deliver_safely([(task, Outcome.failure(error))])
+        outcome = Outcome.failure(error)
+        self._deliver_safely(task.owner, [(task.index, task.target, *outcome, task.attempt)])
 
-    def _deliver_safely(self, reports: list[tuple[Task, Outcome]]) -> None:
+    def _deliver_safely(self, owner: Owner, reports: list[Report]) -> None:
         try:
-            self._deliver(reports)
+            self._deliver(owner, reports)
         except BaseException:
-            names = sorted({task.target for task, _ in reports})
+            names = sorted({report[1] for report in reports})
             logger.critical("engine failed to record results of %s", names, exc_info=True)
 
 
-def _outcome(task: Task, pid: int | None, ok: bool, body: memoryview, started: float,
-             finished: float) -> Outcome:
-    """Unpickle a worker's report in the caller; a body that won't load fails only this task."""
-    text = None
+def _failure(body: memoryview, started: float, finished: float, pid: int | None) -> Outcome:
+    """A target's own exception, unpickled in the caller (as text if it won't load here)."""
+    text = ""
     try:
-        if ok:
-            value = pickle.loads(body)
-        else:
-            blob, text = pickle.loads(body)
-            value = pickle.loads(blob)
+        blob, text = pickle.loads(body)
+        value = pickle.loads(blob)
     except BaseException as exc:
-        detail = f"unpickling in the caller failed: {type(exc).__name__}: {exc}"
-        if ok:
-            error: BaseException = SerializationError(task.target, "response", detail)
-            return Outcome.failure(error, started=started, finished=finished, pid=pid)
-        value = RemoteError("unknown", detail, text or "")
-    return Outcome(ok, value, text, started, finished, pid)
+        value = RemoteError("unknown", f"unpickling in the caller failed: "
+                                       f"{type(exc).__name__}: {exc}", text)
+    return Outcome(False, value, text, started, finished, pid)
 
 
 def _release(worker: _Worker) -> int | None:
     """Reap a worker that has exited or been killed, close its pipes and journal; its exit
     code."""
-    worker.process.join(_STOP_GRACE)
-    exitcode: int | None = worker.process.exitcode
-    for conn in (worker.tasks, worker.outcomes):
-        conn.close()
-    worker.journal.close()
+    exitcode = worker.process.join(_STOP_GRACE)
+    worker.process.close()
     return exitcode
 
 

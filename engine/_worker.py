@@ -1,7 +1,7 @@
 """The loop of a worker process: receive batches of targets, run them in order, report each.
 
-Every spawned worker imports this module, so it imports little. It owns two pipes and a journal,
-all created by the target pool:
+Every worker process starts in `main` (see `engine._process`), so this module imports little:
+cloudpickle and tblib only once needed. It owns two pipes and a journal, created by the pool:
 
     pool -> worker   b""                                      stop
                      pickle(Batch message, see `run_batch`)   run these, in order
@@ -22,15 +22,13 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import struct
+import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
-
-import cloudpickle
-from tblib import pickling_support
 
 from ._context import _current
 from ._exceptions import RemoteError, SerializationError
@@ -47,7 +45,61 @@ _PARENT_CHECK_INTERVAL = 0.5
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
-def serve(tasks: Connection, outcomes: Connection, journal: Journal, parent_pid: int,
+def main(argv: list[str]) -> None:
+    """The worker process: its pipes, journal and caller are given as numbers in `argv`."""
+    tasks_fd, outcomes_fd, journal_fd, journal_size, parent_pid = map(int, argv)
+    tasks, outcomes = Pipe(tasks_fd), Pipe(outcomes_fd)
+    try:
+        sys.path[:], initializer = pickle.loads(tasks.recv())
+    except (EOFError, OSError):
+        return  # the pool went away before we started
+    serve(tasks, outcomes, Journal(journal_fd, journal_size), parent_pid, initializer)
+
+
+class Pipe:
+    """One end of a pipe, in the message framing of `multiprocessing.connection.Connection`
+    (which the pool uses on its ends), without importing it: it is slow to import."""
+
+    _SIZE, _LARGE_SIZE = struct.Struct("!i"), struct.Struct("!Q")
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def send_bytes(self, data: bytes | memoryview) -> None:
+        size = len(data)
+        if size <= 0x7FFFFFFF:
+            header = self._SIZE.pack(size)
+        else:
+            header = self._SIZE.pack(-1) + self._LARGE_SIZE.pack(size)
+        if size <= 1 << 16:
+            self._write(header + data)  # one system call for a small message
+        else:
+            self._write(header)
+            self._write(data)  # no copy of a large one
+
+    def recv(self) -> bytearray:
+        (size,) = self._SIZE.unpack(self._read(4))
+        if size == -1:
+            (size,) = self._LARGE_SIZE.unpack(self._read(8))
+        return self._read(size)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def _read(self, size: int) -> bytearray:
+        buffer = bytearray(size)
+        view, done = memoryview(buffer), 0
+        while done < size:
+            count = os.readv(self._fd, [view[done:]])
+            if count == 0:
+                raise EOFError("the pool closed the pipe")
+            done += count
+        return buffer
+
+
+def serve(tasks: Pipe, outcomes: Pipe, journal: Journal, parent_pid: int,
           initializer: bytes | None = None) -> None:
     """Run task batches from `tasks` until told to stop or the pool goes away."""
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what stops.
@@ -67,7 +119,7 @@ def serve(tasks: Connection, outcomes: Connection, journal: Journal, parent_pid:
     functions: dict[bytes, Callable[[Any], Any] | SerializationError] = {}
     while True:
         try:
-            message = tasks.recv_bytes()
+            message = tasks.recv()
         except (EOFError, OSError):
             return  # the pool closed our pipe or died
         if not message:
@@ -85,7 +137,7 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 class _Reporter:
     """Commits outcomes to the journal and decides when to send them."""
 
-    def __init__(self, outcomes: Connection, journal: Journal) -> None:
+    def __init__(self, outcomes: Pipe, journal: Journal) -> None:
         self._outcomes, self._journal = outcomes, journal
         self._last_flush = time.monotonic()
 
@@ -182,6 +234,8 @@ def _dumps(value: Any) -> bytes:
     try:
         return pickle.dumps(value, _PROTOCOL)
     except Exception:
+        import cloudpickle
+
         return cloudpickle.dumps(value, protocol=_PROTOCOL)  # type: ignore[no-any-return]
 
 
@@ -196,6 +250,9 @@ def _own(exc: BaseException) -> BaseException:
 def _failure(exc: BaseException) -> bytes:
     """(exception blob, traceback text): the exception with its traceback and chain (tblib),
     or its facts as text if it won't travel."""
+    import cloudpickle
+    from tblib import pickling_support
+
     text = "".join(traceback.format_exception(exc))
     try:
         pickling_support.install(exc)

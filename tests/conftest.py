@@ -17,8 +17,8 @@ ROOT = TESTS.parent
 
 
 def engine_children() -> set[int]:
-    """Our child processes, except the process-global resource trackers that loky starts once
-    per caller (as multiprocessing's spawn does); they exit with the caller, not an engine."""
+    """Our child processes, except the process-global resource trackers that loky and
+    multiprocessing start once per caller (for the benchmark's peers); they exit with the caller."""
     pids = set()
     for child in psutil.Process().children(recursive=True):
         try:
