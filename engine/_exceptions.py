@@ -70,7 +70,7 @@ class TargetError(EngineError):
 
 
 def describe_exit(exitcode: int | None) -> str:
-    """``SIGSEGV`` for a death by signal, ``EXIT(1)`` for an exit code, as loky and pebble name them."""
+    """``SIGSEGV`` for a death by signal, ``EXIT(1)`` for an exit code, as loky names them."""
     if exitcode is None:
         return "UNKNOWN"
     if exitcode < 0:

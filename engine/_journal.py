@@ -35,15 +35,20 @@ class Journal:
     @classmethod
     def create(cls, size: int) -> Journal:
         """A new journal in the caller; its `fd` is passed to the worker, which maps it too."""
+        return cls(cls.shared_file(size), size)
+
+    @staticmethod
+    def shared_file(size: int) -> int:
+        """A file in memory, without a name, of `size` bytes: its descriptor."""
         if hasattr(os, "memfd_create"):
-            fd = os.memfd_create("engine-journal", os.MFD_CLOEXEC)
+            fd = os.memfd_create("engine", os.MFD_CLOEXEC)
         else:  # pragma: no cover - Linux has memfd_create
             import tempfile
 
             with tempfile.TemporaryFile() as file:
                 fd = os.dup(file.fileno())
         os.ftruncate(fd, size)
-        return cls(fd, size)
+        return fd
 
     # -- the worker's side -------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from multiprocessing.connection import wait
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import cloudpickle
 import psutil
@@ -68,6 +68,8 @@ from ._journal import ENTRY, OUTCOMES, entries
 from ._process import WorkerProcess
 from ._result import Outcome
 from ._worker import LARGE, OK, START_FAILED, UNLOADED
+
+LOADED = -3  #: a status of the pool's own: a large response, already read from the spill file
 
 logger = logging.getLogger("engine")
 
@@ -125,7 +127,7 @@ Deliver = Callable[[Owner, list[Report]], None]  #: an owner's results, in the o
 
 class _Worker:
     __slots__ = ("process", "tasks", "outcomes", "journal", "pid", "ready", "inflight", "held",
-                 "large", "gone", "head_since", "deadline", "tasks_run", "last_rss", "growth",
+                 "gone", "head_since", "deadline", "tasks_run", "last_rss", "growth",
                  "start_error")
 
     def __init__(self, process: WorkerProcess) -> None:
@@ -135,7 +137,6 @@ class _Worker:
         self.ready = False  # it has said it serves
         self.inflight: collections.deque[Task] = collections.deque()  # sent, in run order
         self.held: tuple[list[Task], bytes] | None = None  # a batch waiting for it to be idle
-        self.large: tuple[Any, ...] | None = None  # the header of a body still to come
         self.gone = False  # its task pipe is broken: it is dying, its sentinel will say so
         self.head_since = 0.0  # epoch seconds when inflight[0] started (at the latest)
         self.deadline: float | None = None  # monotonic seconds, for inflight[0]
@@ -339,14 +340,16 @@ class TargetPool:
             message = worker.outcomes.recv_bytes()
         except (EOFError, OSError):
             return False
-        if worker.large is not None:  # the body of a LARGE outcome
-            header, worker.large = worker.large, None
-            self._take_outcomes(worker, [(*header[:1], *header[2:], memoryview(message))])
-        elif message[:1] == OUTCOMES:
+        if message[:1] == OUTCOMES:
             self._take_outcomes(worker, entries(message))
         elif message[:1] == LARGE:
-            worker.large = ENTRY.unpack_from(message, 1)
-            return True
+            task_id, _, _, started, finished = ENTRY.unpack_from(message, 1)
+            try:
+                value: Any = (True, worker.process.read_spill(*pickle.loads(
+                    message[1 + ENTRY.size:])))
+            except BaseException as exc:
+                value = (False, exc)
+            self._take_outcomes(worker, [(task_id, LOADED, started, finished, value)])
         else:
             kind, detail = pickle.loads(message[1:])
             if kind == START_FAILED:
@@ -395,10 +398,16 @@ class TargetPool:
                     reports = []
                 owner = task.owner
             busy, count = busy + finished - started, count + 1
-            if status == OK:
+            if status == OK or status == LOADED:
                 try:
-                    reports.append((task.index, task.target, True, pickle.loads(body), None,
-                                    started, finished, worker.pid, task.attempt))
+                    if status == LOADED:
+                        loaded, value = cast(tuple[bool, Any], body)
+                        if not loaded:
+                            raise cast(BaseException, value)
+                    else:
+                        value = pickle.loads(body)
+                    reports.append((task.index, task.target, True, value, None, started,
+                                    finished, worker.pid, task.attempt))
                     continue
                 except BaseException as exc:
                     detail = f"unpickling in the caller failed: {type(exc).__name__}: {exc}"

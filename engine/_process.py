@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 from multiprocessing.connection import Connection
+from typing import NoReturn
 
 from ._journal import Journal
 
@@ -29,29 +30,33 @@ class WorkerProcess:
     def __init__(self, journal_size: int, initializer: bytes | None) -> None:
         tasks_r, tasks_w = os.pipe()
         outcomes_r, outcomes_w = os.pipe()
+        acks_r, acks_w = os.pipe()
         # Where the kernel has no pidfd, a pipe only the child holds says when it exits.
         exit_r, exit_w = (None, None) if _HAVE_PIDFD else os.pipe()
         self.journal = Journal.create(journal_size)
+        self.spill = Journal.shared_file(0)  #: where the worker writes large responses
         child_fds = (tasks_r, outcomes_w, self.journal.fd)
         try:
             self._popen = subprocess.Popen(
                 [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_PARENT,
-                 *map(str, child_fds), str(journal_size), str(os.getpid())],
-                pass_fds=child_fds if exit_w is None else (*child_fds, exit_w),
+                 *map(str, child_fds), str(journal_size), str(self.spill), str(acks_r),
+                 str(os.getpid())],
+                pass_fds=(*child_fds, self.spill, acks_r, *(() if exit_w is None else (exit_w,))),
                 stdin=subprocess.DEVNULL)
         except BaseException:
-            for fd in (tasks_w, outcomes_r, exit_r):
+            for fd in (tasks_w, outcomes_r, acks_w, self.spill, exit_r):
                 if fd is not None:
                     os.close(fd)
             self.journal.close()
             raise
         finally:
-            for fd in (tasks_r, outcomes_w, exit_w):
+            for fd in (tasks_r, outcomes_w, acks_r, exit_w):
                 if fd is not None:
                     os.close(fd)
         self.pid: int = self._popen.pid
         self.tasks = Connection(tasks_w, readable=False)
         self.outcomes = Connection(outcomes_r, writable=False)
+        self.acks = acks_w  #: a byte here tells the worker its spill file was read
         #: readable once the process has exited: for `multiprocessing.connection.wait`
         self.sentinel: int = os.pidfd_open(self.pid) if exit_r is None else exit_r
         self.tasks.send_bytes(pickle.dumps((sys.path, initializer)))  # fits the pipe's buffer
@@ -72,5 +77,43 @@ class WorkerProcess:
         self.tasks.close()
         self.outcomes.close()
         self.journal.close()
-        os.close(self.sentinel)
+        for fd in (self.spill, self.acks, self.sentinel):
+            os.close(fd)
+
+    def read_spill(self, raw: bool, sizes: list[int]) -> object:
+        """The large response the worker wrote to its spill file: one copy, then the file is
+        emptied and the worker told it may write the next one."""
+        try:
+            if raw:
+                return _read(self.spill, sizes[0], 0)
+            body, offset, buffers = _read(self.spill, sizes[0], 0), sizes[0], []
+            for size in sizes[1:]:
+                buffer = bytearray(size)
+                view, done = memoryview(buffer), 0
+                while done < size:
+                    count = os.preadv(self.spill, [view[done:]], offset + done)
+                    done += count if count else _short()
+                buffers.append(buffer)
+                offset += size
+            return pickle.loads(body, buffers=buffers)
+        finally:
+            os.ftruncate(self.spill, 0)
+            try:
+                os.write(self.acks, b"\0")
+            except OSError:
+                pass  # it is gone
+
+
+def _read(fd: int, size: int, offset: int) -> bytes:
+    data = os.pread(fd, size, offset)
+    if len(data) < size:  # one read returns at most about 2 GB
+        parts = [data]
+        while (done := sum(map(len, parts))) < size:
+            parts.append(os.pread(fd, size - done, offset + done) or _short())
+        data = b"".join(parts)
+    return data
+
+
+def _short() -> NoReturn:
+    raise EOFError("the spill file is shorter than announced")
 

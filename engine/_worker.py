@@ -8,7 +8,8 @@ cloudpickle and tblib only once needed. It owns two pipes and a journal, created
     worker -> pool   CONTROL + pickle((READY, pid))           once, when ready to serve
                      CONTROL + pickle((START_FAILED, tb))     instead, then it exits
                      OUTCOMES + entries                       outcomes, in the order they ran
-                     LARGE + entry header, then the body      one outcome too big for the journal
+                     LARGE + entry header + pickle((raw, sizes))   a large response, in the spill
+    pool -> acks     one byte                                  the spill was read: reuse it
 
 Each outcome is committed to the journal as soon as it exists; the journal is sent when the batch
 is done, when it is full, when the targets have a time limit (the pool then knows when the next
@@ -35,7 +36,8 @@ from ._exceptions import RemoteError, SerializationError
 from ._journal import ENTRY, Journal
 
 CONTROL = b"C"  #: the first byte of a READY or START_FAILED message
-LARGE = b"L"  #: the first byte of the header of an outcome sent on its own
+LARGE = b"L"  #: the first byte of the header of a response written to the spill file
+LARGE_BYTES = 256 << 10  #: a response this big goes through the spill file, not the journal
 READY = -1
 START_FAILED = -2
 FAILED, OK, UNLOADED = 0, 1, 2  #: entry statuses; UNLOADED: its batch did not unpickle, not run
@@ -46,14 +48,15 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
 def main(argv: list[str]) -> None:
-    """The worker process: its pipes, journal and caller are given as numbers in `argv`."""
-    tasks_fd, outcomes_fd, journal_fd, journal_size, parent_pid = map(int, argv)
+    """The worker process: its pipes, files and caller are given as numbers in `argv`."""
+    tasks_fd, outcomes_fd, journal_fd, journal_size, spill_fd, acks_fd, parent_pid = map(int, argv)
     tasks, outcomes = Pipe(tasks_fd), Pipe(outcomes_fd)
     try:
         sys.path[:], initializer = pickle.loads(tasks.recv())
     except (EOFError, OSError):
         return  # the pool went away before we started
-    serve(tasks, outcomes, Journal(journal_fd, journal_size), parent_pid, initializer)
+    reporter = _Reporter(outcomes, Journal(journal_fd, journal_size), spill_fd, acks_fd)
+    serve(tasks, outcomes, reporter, parent_pid, initializer)
 
 
 class Pipe:
@@ -99,7 +102,7 @@ class Pipe:
         return buffer
 
 
-def serve(tasks: Pipe, outcomes: Pipe, journal: Journal, parent_pid: int,
+def serve(tasks: Pipe, outcomes: Pipe, reporter: _Reporter, parent_pid: int,
           initializer: bytes | None = None) -> None:
     """Run task batches from `tasks` until told to stop or the pool goes away."""
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what stops.
@@ -115,7 +118,6 @@ def serve(tasks: Pipe, outcomes: Pipe, journal: Journal, parent_pid: int,
             outcomes.send_bytes(CONTROL + pickle.dumps((START_FAILED, text)))
             os._exit(3)
     outcomes.send_bytes(CONTROL + pickle.dumps((READY, os.getpid())))
-    reporter = _Reporter(outcomes, journal)
     functions: dict[bytes, Callable[[Any], Any] | SerializationError] = {}
     while True:
         try:
@@ -135,10 +137,16 @@ def _exit_when_orphaned(parent_pid: int) -> None:
 
 
 class _Reporter:
-    """Commits outcomes to the journal and decides when to send them."""
+    """Commits outcomes to the journal and decides when to send them.
 
-    def __init__(self, outcomes: Pipe, journal: Journal) -> None:
+    A large response skips the journal: its pickle and out-of-band buffers (or a `bytes`
+    response itself) are written to the spill file, a file the pool shares and reads with one
+    copy, then empties and acknowledges before the next one may be written.
+    """
+
+    def __init__(self, outcomes: Pipe, journal: Journal, spill: int, acks: int) -> None:
         self._outcomes, self._journal = outcomes, journal
+        self._spill, self._acks, self._spilled = spill, acks, False
         self._last_flush = time.monotonic()
 
     def report(self, task_id: int, status: int, started: float, finished: float,
@@ -147,9 +155,24 @@ class _Reporter:
             return
         self.flush()
         if not self._journal.append(task_id, status, started, finished, body):
-            header = ENTRY.pack(task_id, len(body), status, started, finished)
-            self._outcomes.send_bytes(LARGE + header)
-            self._outcomes.send_bytes(body)  # no copy of a large body
+            self.spill(task_id, started, finished, False, [body])
+
+    def spill(self, task_id: int, started: float, finished: float, raw: bool,
+              parts: list[Any]) -> None:
+        """Write a response's `parts` (bytes or buffers) to the spill file and announce them."""
+        self.flush()
+        if self._spilled and not os.read(self._acks, 1):
+            raise EOFError("the pool went away")
+        offset, sizes = 0, []
+        for part in parts:
+            view = memoryview(part).cast("B")
+            sizes.append(len(view))
+            while view:
+                written = os.pwrite(self._spill, view, offset)
+                view, offset = view[written:], offset + written
+        header = ENTRY.pack(task_id, 0, OK, started, finished)
+        self._outcomes.send_bytes(LARGE + header + pickle.dumps((raw, sizes)))
+        self._spilled = True
 
     def flush(self, now: float | None = None) -> None:
         pending = self._journal.pending()
@@ -205,7 +228,10 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
                 error = SerializationError(name, "response", f"{type(exc).__name__}: {exc}")
                 reporter.report(task_id, FAILED, started, finished, _failure(error))
             else:
-                reporter.report(task_id, OK, started, finished, body)
+                if isinstance(body, bytes):
+                    reporter.report(task_id, OK, started, finished, body)
+                else:
+                    reporter.spill(task_id, started, finished, type(response) is bytes, body)
         if flush_each:
             reporter.flush()
         else:
@@ -229,14 +255,30 @@ def _function(blob: bytes, items: list[Any], position: int,
     return fn
 
 
-def _dumps(value: Any) -> bytes:
-    """Plain pickle when it can (fast); cloudpickle for what only it can (lambdas, __main__)."""
+def _dumps(value: Any) -> bytes | list[Any]:
+    """The pickled response; for a large one, the parts to spill: the `bytes` response itself,
+    or its pickle followed by its large buffers (protocol 5: numpy arrays, bytearrays).
+
+    Plain pickle when it can (fast); cloudpickle for what only it can (lambdas, __main__).
+    """
+    if type(value) is bytes and len(value) >= LARGE_BYTES:
+        return [value]
+    buffers: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        if buffer.raw().nbytes < LARGE_BYTES:
+            return True  # small: in the pickle
+        buffers.append(buffer)
+        return False
+
     try:
-        return pickle.dumps(value, _PROTOCOL)
+        body = pickle.dumps(value, _PROTOCOL, buffer_callback=out_of_band)
     except Exception:
         import cloudpickle
 
-        return cloudpickle.dumps(value, protocol=_PROTOCOL)  # type: ignore[no-any-return]
+        buffers.clear()
+        body = cloudpickle.dumps(value, protocol=_PROTOCOL, buffer_callback=out_of_band)
+    return [body, *buffers] if buffers or len(body) >= LARGE_BYTES else body
 
 
 def _own(exc: BaseException) -> BaseException:

@@ -187,3 +187,14 @@ class LoadsNowhere:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _refuse_to_load, ("this request cannot be unpickled",)
+
+
+def large(kind_and_size: tuple[str, int]) -> Any:
+    """A large response of a given kind: "bytes", "bytearray", or "nested" (a dict of bytes)."""
+    kind, size = kind_and_size
+    data = bytes(range(256)) * (size // 256)
+    if kind == "bytearray":
+        return bytearray(data)
+    if kind == "nested":
+        return {"parts": [data[: size // 2], data[size // 2:]], "size": size}
+    return data
