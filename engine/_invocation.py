@@ -21,6 +21,7 @@ from ._pool import Report, Task
 from ._result import Outcome, Result, utc_timestamp
 
 logger = logging.getLogger("engine")
+_NOTHING = object()
 _new_result = tuple.__new__  # a Result without the checks of its __new__: one per target
 
 NamedCallback = tuple[str, Callback]
@@ -81,17 +82,20 @@ class Invocation:
     def next_tasks(self, limit: int) -> list[Task]:
         """Up to `limit` next targets as tasks; [] once the input is exhausted or cancelled."""
         tasks: list[Task] = []
+        last: Any = _NOTHING  # consecutive targets are mostly the same: resolve once
         with self._feed_lock:
             while len(tasks) < limit and not self.cancelled:
                 pulled = self._pull()
                 if pulled is None:
                     break
                 index, target, request = pulled
-                fn_blob: bytes | BaseException
-                try:
-                    name, fn_blob = self.resolve(target)
-                except Exception as exc:  # a lazily given bad target fails on its own
-                    name, fn_blob = self._name(target), exc
+                if target is not last:
+                    fn_blob: bytes | BaseException
+                    try:
+                        name, fn_blob = self.resolve(target)
+                    except Exception as exc:  # a lazily given bad target fails on its own
+                        name, fn_blob = self._name(target), exc
+                    last = target
                 if isinstance(fn_blob, BaseException):
                     self.record(index, name, Outcome.failure(fn_blob))
                     continue
@@ -112,9 +116,9 @@ class Invocation:
                 self.record(index, "<targets iterator>", Outcome.failure(exc))
                 self._set_total(index + 1)
                 return None
-            self._pulled += 1
+            self._pulled = index + 1
             if isinstance(item, tuple) and len(item) == 2:
-                return index, item[0], item[1]
+                return index, *item
             error = TypeError(f"targets[{index}] must be a (target, request) pair, not {item!r}")
             self.record(index, repr(item), Outcome.failure(error))
 

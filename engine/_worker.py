@@ -145,16 +145,15 @@ class _Reporter:
     """
 
     def __init__(self, outcomes: Pipe, journal: Journal, spill: int, acks: int) -> None:
-        self._outcomes, self._journal = outcomes, journal
+        self._outcomes, self.journal = outcomes, journal
         self._spill, self._acks, self._spilled = spill, acks, False
-        self._last_flush = time.monotonic()
 
     def report(self, task_id: int, status: int, started: float, finished: float,
                body: bytes) -> None:
-        if self._journal.append(task_id, status, started, finished, body):
+        if self.journal.append(task_id, status, started, finished, body):
             return
         self.flush()
-        if not self._journal.append(task_id, status, started, finished, body):
+        if not self.journal.append(task_id, status, started, finished, body):
             self.spill(task_id, started, finished, False, [body])
 
     def spill(self, task_id: int, started: float, finished: float, raw: bool,
@@ -174,17 +173,12 @@ class _Reporter:
         self._outcomes.send_bytes(LARGE + header + pickle.dumps((raw, sizes)))
         self._spilled = True
 
-    def flush(self, now: float | None = None) -> None:
-        pending = self._journal.pending()
+    def flush(self) -> None:
+        pending = self.journal.pending()
         if pending is not None:
             self._outcomes.send_bytes(pending)
-            self._journal.clear()
-        self._last_flush = time.monotonic() if now is None else now
+            self.journal.clear()
 
-    def flush_if_due(self) -> None:
-        now = time.monotonic()
-        if now - self._last_flush >= FLUSH_INTERVAL:
-            self.flush(now)
 
 
 def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Reporter) -> None:
@@ -199,48 +193,50 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
     except BaseException as exc:
         if len(items) > 1:  # the pool sends them again one by one, to find the culprit
             for task_id, *_ in items:
-                now = time.time()
-                reporter.report(task_id, UNLOADED, now, now, b"")
+                moment = time.time()
+                reporter.report(task_id, UNLOADED, moment, moment, b"")
             reporter.flush()
             return
-        requests = [SerializationError(items[0][2], "request", f"unpickling in the worker "
-                                       f"failed: {type(exc).__name__}: {exc}")]
+        error = SerializationError(items[0][2], "request", f"unpickling in the worker failed: "
+                                                           f"{type(exc).__name__}: {exc}")
+        moment = time.time()
+        reporter.report(items[0][0], FAILED, moment, moment, _failure(error))
+        reporter.flush()
+        return
     fns = [_function(blob, items, position, functions) for position, blob in enumerate(fn_blobs)]
+    now, set_context, reset_context = time.time, _current.set, _current.reset
+    journal_append, last_flush = reporter.journal.append, now()
     for (task_id, position, name, index), request in zip(items, requests, strict=True):
-        fn = fns[position]
-        started = time.time()
-        token = _current.set((*prefix, name, index))
+        started = now()
+        token = set_context((*prefix, name, index))
         try:
-            if isinstance(request, SerializationError):
-                raise request
-            if isinstance(fn, SerializationError):
-                raise fn
-            response = fn(request)
+            response = fns[position](request)
         except BaseException as exc:
-            _current.reset(token)
-            reporter.report(task_id, FAILED, started, time.time(), _failure(_own(exc)))
+            reset_context(token)
+            reporter.report(task_id, FAILED, started, now(), _failure(_own(exc)))
         else:
-            finished = time.time()
-            _current.reset(token)
+            finished = now()
+            reset_context(token)
             try:
-                body = _dumps(response)
+                body = pickle.dumps(response, _PROTOCOL) if type(response) in _PLAIN \
+                    else _dumps(response)
             except BaseException as exc:
                 error = SerializationError(name, "response", f"{type(exc).__name__}: {exc}")
                 reporter.report(task_id, FAILED, started, finished, _failure(error))
             else:
-                if isinstance(body, bytes):
-                    reporter.report(task_id, OK, started, finished, body)
-                else:
+                if not isinstance(body, bytes):
                     reporter.spill(task_id, started, finished, type(response) is bytes, body)
-        if flush_each:
+                elif not journal_append(task_id, OK, started, finished, body):
+                    reporter.report(task_id, OK, started, finished, body)
+        if flush_each or now() - last_flush >= FLUSH_INTERVAL:
             reporter.flush()
-        else:
-            reporter.flush_if_due()
+            last_flush = now()
     reporter.flush()
 
 
 def _function(blob: bytes, items: list[Any], position: int,
-              functions: dict[bytes, Any]) -> Callable[[Any], Any] | SerializationError:
+              functions: dict[bytes, Any]) -> Callable[[Any], Any]:
+    """The unpickled function (cached), or one that raises why it would not unpickle."""
     fn = functions.get(blob)
     if fn is None:
         if len(functions) >= _FUNCTION_CACHE_SIZE:
@@ -249,10 +245,17 @@ def _function(blob: bytes, items: list[Any], position: int,
         try:
             fn = pickle.loads(blob)
         except BaseException as exc:
-            fn = SerializationError(name, "function", f"unpickling in the worker failed: "
-                                                      f"{type(exc).__name__}: {exc}")
+            why = f"unpickling in the worker failed: {type(exc).__name__}: {exc}"
+            fn = _raiser(SerializationError(name, "function", why))
         functions[blob] = fn
     return fn
+
+
+def _raiser(error: BaseException) -> Callable[[Any], Any]:
+    def fail(_: Any) -> Any:
+        raise error
+
+    return fail
 
 
 def _dumps(value: Any) -> bytes | list[Any]:
@@ -279,6 +282,9 @@ def _dumps(value: Any) -> bytes | list[Any]:
         buffers.clear()
         body = cloudpickle.dumps(value, protocol=_PROTOCOL, buffer_callback=out_of_band)
     return [body, *buffers] if buffers or len(body) >= LARGE_BYTES else body
+
+
+_PLAIN = {type(None), bool, int, float, complex, str}  #: no buffers, no cloudpickle: quick
 
 
 def _own(exc: BaseException) -> BaseException:
