@@ -67,6 +67,7 @@ class Invocation:
         self._cond = threading.Condition()
         self._pulled = 0
         self.total = total  # None until a lazy iterator is exhausted
+        self._checked = total is not None  # items are pairs of a list: the fast path can take them
         self.keep_results = keep_results
         self.results: dict[int, Result] = {}  # empty unless keep_results
         self.completed: list[Result] = []  # completion order; empty unless keep_results
@@ -81,6 +82,8 @@ class Invocation:
 
     def next_tasks(self, limit: int) -> list[Task]:
         """Up to `limit` next targets as tasks; [] once the input is exhausted or cancelled."""
+        if self._checked:
+            return self._next_checked(limit)
         tasks: list[Task] = []
         last: Any = _NOTHING  # consecutive targets are mostly the same: resolve once
         with self._feed_lock:
@@ -100,6 +103,28 @@ class Invocation:
                     self.record(index, name, Outcome.failure(fn_blob))
                     continue
                 tasks.append(Task(self, index, name, fn_blob, request))
+        return tasks
+
+    def _next_checked(self, limit: int) -> list[Task]:
+        """`next_tasks` for a list of pairs whose targets all resolved at invoke: in bulk."""
+        tasks: list[Task] = []
+        last: Any = _NOTHING
+        with self._feed_lock:
+            if self.cancelled:
+                return tasks
+            start = self._pulled
+            pairs = list(itertools.islice(self._items, limit))
+            self._pulled = start + len(pairs)
+            for index, (target, request) in enumerate(pairs, start):
+                if target is not last:
+                    name, fn_blob = self.resolve(target)
+                    last = target
+                if isinstance(fn_blob, BaseException):
+                    self.record(index, name, Outcome.failure(fn_blob))
+                else:
+                    tasks.append(Task(self, index, name, fn_blob, request))
+            if len(pairs) < limit:
+                self._set_total(self._pulled)
         return tasks
 
     def _pull(self) -> tuple[int, Any, Any] | None:

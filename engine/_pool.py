@@ -387,7 +387,6 @@ class TargetPool:
                 continue  # read again from the journal after it was sent
             task = inflight.popleft()
             assert task.id == task_id, "a worker reported outcomes out of order"
-            worker.tasks_run += 1
             if status == UNLOADED:
                 task.alone = True
                 resend.append(task)
@@ -418,6 +417,7 @@ class TargetPool:
                 if isinstance(outcome.value, task.owner.retry_on) and self._retry(task):
                     continue
             reports.append((task.index, task.target, *outcome, task.attempt))
+        worker.tasks_run += count + len(resend)
         if owner is not None and reports:
             self._deliver_safely(owner, reports)
         self._requeued.extendleft(reversed(resend))
