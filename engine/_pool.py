@@ -343,13 +343,18 @@ class TargetPool:
         if message[:1] == OUTCOMES:
             self._take_outcomes(worker, entries(message))
         elif message[:1] == LARGE:
-            task_id, _, _, started, finished = ENTRY.unpack_from(message, 1)
-            try:
-                value: Any = (True, worker.process.read_spill(*pickle.loads(
-                    message[1 + ENTRY.size:])))
+            task_id, _, status, started, finished = ENTRY.unpack_from(message, 1)
+            raw, sizes = pickle.loads(message[1 + ENTRY.size:])
+            value: Any
+            try:  # a failure's body is read as it is, and unpickled as any failure's
+                value = (True, worker.process.read_spill(raw or status != OK, sizes))
             except BaseException as exc:
                 value = (False, exc)
-            self._take_outcomes(worker, [(task_id, LOADED, started, finished, value)])
+            if status == OK:
+                self._take_outcomes(worker, [(task_id, LOADED, started, finished, value)])
+            else:
+                body = value[1] if value[0] else pickle.dumps((b"", repr(value[1])))
+                self._take_outcomes(worker, [(task_id, status, started, finished, body)])
         else:
             kind, detail = pickle.loads(message[1:])
             if kind == START_FAILED:
@@ -376,7 +381,7 @@ class TargetPool:
         worker.deadline = None if timeout is None else time.monotonic() + timeout
 
     def _take_outcomes(self, worker: _Worker,
-                       outcomes: Iterable[tuple[int, int, float, float, memoryview]]) -> None:
+                       outcomes: Iterable[tuple[int, int, float, float, Any]]) -> None:
         """Deliver what a worker reports, in the order it ran them; skip what was delivered."""
         inflight, resend = worker.inflight, []
         reports: list[Report] = []

@@ -154,10 +154,10 @@ class _Reporter:
             return
         self.flush()
         if not self.journal.append(task_id, status, started, finished, body):
-            self.spill(task_id, started, finished, False, [body])
+            self.spill(task_id, started, finished, False, [body], status)
 
     def spill(self, task_id: int, started: float, finished: float, raw: bool,
-              parts: list[Any]) -> None:
+              parts: list[Any], status: int = OK) -> None:
         """Write a response's `parts` (bytes or buffers) to the spill file and announce them."""
         self.flush()
         if self._spilled and not os.read(self._acks, 1):
@@ -169,7 +169,7 @@ class _Reporter:
             while view:
                 written = os.pwrite(self._spill, view, offset)
                 view, offset = view[written:], offset + written
-        header = ENTRY.pack(task_id, 0, OK, started, finished)
+        header = ENTRY.pack(task_id, 0, status, started, finished)
         self._outcomes.send_bytes(LARGE + header + pickle.dumps((raw, sizes)))
         self._spilled = True
 
@@ -178,7 +178,6 @@ class _Reporter:
         if pending is not None:
             self._outcomes.send_bytes(pending)
             self.journal.clear()
-
 
 
 def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Reporter) -> None:

@@ -63,3 +63,10 @@ def test_the_caller_holds_one_copy_of_a_large_response(engine: Engine) -> None:
         sampler.join()
     assert result.ok and len(result.response) == size
     assert peak[0] < 1.6 * size, f"the caller grew by {peak[0] / size:.2f}× the response"
+
+
+def test_an_exception_too_large_for_the_journal_still_arrives(engine: Engine) -> None:
+    message = "x" * 2_000_000
+    (result,) = engine.wait(engine.invoke([(targets.fail, message)]), timeout=60)
+    assert not result.ok and isinstance(result.exception, ValueError)
+    assert str(result.exception) == message
