@@ -491,12 +491,14 @@ class TargetPool:
             self._start_failed(worker.start_error or f"worker {worker.pid} exited before it "
                                f"was ready, with {describe_exit(exitcode)}", weight)
             return
+        never_sent = self._unhold(worker)
         if not worker.inflight:
+            self._requeued.extendleft(reversed(never_sent))
             if not self._closing:
                 logger.warning("engine worker %s died idle with exit code %s", worker.pid, exitcode)
             return
         task = worker.inflight.popleft()
-        self._requeued.extendleft(reversed(worker.inflight))
+        self._requeued.extendleft(reversed([*worker.inflight, *never_sent]))
         worker.inflight.clear()
         self.stats.worker_deaths += 1
         if reason is None:
@@ -536,6 +538,7 @@ class TargetPool:
         """Stop every worker; a target still running on one (only if the manager failed) is
         requeued, to be failed with the reason."""
         for worker in self._workers:
+            self._requeued.extend(self._unhold(worker))
             if worker.inflight:
                 self._requeued.extend(worker.inflight)
                 worker.inflight.clear()
@@ -664,6 +667,12 @@ class TargetPool:
             return
         self._send_message(worker, batch, message)
 
+    def _unhold(self, worker: _Worker) -> list[Task]:
+        """The tasks of the batch held for `worker`, which never reached it."""
+        batch = worker.held[0] if worker.held is not None else []
+        worker.held = None
+        return batch
+
     def _send_message(self, worker: _Worker, batch: list[Task], message: bytes) -> None:
         worker.held = None
         try:
@@ -681,9 +690,7 @@ class TargetPool:
         """Nothing can run: every waiting task fails now rather than wait forever."""
         self._take_commands()  # feeds sent before the manager stopped accepting them
         for worker in self._workers:
-            if worker.held is not None:
-                self._requeued.extend(worker.held[0])
-                worker.held = None
+            self._requeued.extend(self._unhold(worker))
         while batch := self._next_batch(MAX_BATCH):
             for task in batch:
                 self._fail(task, self._unrunnable(task))

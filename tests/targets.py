@@ -163,10 +163,10 @@ def take_shared_lock(_: Any = None) -> bool:
     return acquired
 
 
-def log_run(job: tuple[str, int, int | None, str]) -> int:
+def log_run(job: tuple[Any, ...]) -> int:
     """Append `index` to the file at `path` (one line a run), then crash the worker or hang if
-    this index is `special`: `how` is "exit", "kill" or "hang"."""
-    path, index, special, how = job
+    this index is `special`: `how` is "exit", "kill" or "hang". More items are ballast."""
+    path, index, special, how = job[:4]
     with open(path, "a") as log:
         log.write(f"{index}\n")
     if index == special:

@@ -28,11 +28,15 @@ def batched(results: list) -> bool:
     return len({r.pid for r in results}) < len(results) // 10
 
 
-@pytest.mark.parametrize("how", ["exit", "kill"])
+@pytest.mark.parametrize("how, ballast", [("exit", b""), ("kill", b""), ("exit", b"x" * 40_000)],
+                         ids=["exit", "kill", "exit-with-a-batch-held"])
 def test_a_crash_mid_batch_fails_only_the_running_target_and_loses_none(
-        engine: Engine, tmp_path: Path, how: str) -> None:
+        engine: Engine, tmp_path: Path, how: str, ballast: bytes) -> None:
+    """With ballast, the next batch is too big to go ahead into a busy worker's pipe: it waits
+    in the pool for that worker, and must not be lost when the worker dies instead."""
     log = tmp_path / "runs"
-    cid = engine.invoke([(targets.log_run, (str(log), i, SPECIAL, how)) for i in range(COUNT)])
+    cid = engine.invoke([(targets.log_run, (str(log), i, SPECIAL, how, ballast))
+                         for i in range(COUNT)])
     results = engine.wait(cid, timeout=120)
     crashed = results[SPECIAL]
     assert isinstance(crashed.exception, WorkerCrashedError), crashed.exception
