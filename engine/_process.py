@@ -18,7 +18,16 @@ from typing import NoReturn
 
 from ._journal import Journal
 
-_HAVE_PIDFD = hasattr(os, "pidfd_open")
+
+def _pidfd_works() -> bool:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        return True
+    except (AttributeError, OSError):  # not Linux, or a kernel older than 5.3
+        return False
+
+
+_HAVE_PIDFD = _pidfd_works()
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
               "from engine._worker import main; main(sys.argv[1:])")
@@ -59,7 +68,10 @@ class WorkerProcess:
         self.acks = acks_w  #: a byte here tells the worker its spill file was read
         #: readable once the process has exited: for `multiprocessing.connection.wait`
         self.sentinel: int = os.pidfd_open(self.pid) if exit_r is None else exit_r
-        self.tasks.send_bytes(pickle.dumps((sys.path, initializer)))  # fits the pipe's buffer
+        try:
+            self.tasks.send_bytes(pickle.dumps((sys.path, initializer)))
+        except OSError:
+            pass  # it died already: its sentinel says so, and the pool reaps it as usual
 
     @property
     def exitcode(self) -> int | None:

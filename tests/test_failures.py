@@ -167,3 +167,15 @@ def test_a_failure_of_the_engine_itself_fails_every_target_instead_of_hanging(
         assert isinstance(later.exception, EngineBrokenError)
     assert "injected bug" in caplog.text
     assert not wait_gone(pids)
+
+
+def test_without_pidfd_a_pipe_tells_of_a_worker_death(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels before 5.3 have no pidfd: a pipe only the worker holds says when it is gone."""
+    from engine import _process
+
+    monkeypatch.setattr(_process, "_HAVE_PIDFD", False)
+    with Engine(workers=1) as eng:
+        crashed, after = eng.wait(eng.invoke([(targets.exit_with, 4), (targets.getpid, None)]),
+                                  timeout=60)
+    assert isinstance(crashed.exception, WorkerCrashedError) and "EXIT(4)" in str(crashed.exception)
+    assert after.ok and after.response != crashed.pid
