@@ -147,6 +147,7 @@ class Contender:
     key = ""  #: short name for --peers
     label = ""  #: name in the tables
     module = ""  #: what must be importable (and what start-up imports)
+    entry = ""  #: the name a user takes from `module`, if importing it does more (start-up)
     submit_name = "submit"  #: the peer's one-by-one call, for the tables
     chunked_map = True  #: whether `map` takes a chunk size
     native_limit = False  #: whether a per-target time limit stops the target
@@ -201,6 +202,7 @@ class Contender:
 
 class EngineContender(Contender):
     key = label = module = "engine"
+    entry = "Engine"  # the package defers importing the engine itself to this name
     submit_name = "invoke"
     native_limit = True
 

@@ -295,7 +295,8 @@ class Invocation:
 
     def stream(self, timeout: float | None) -> Iterator[Result]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        for position in itertools.count():
+        position = 0
+        while True:
             with self._cond:
                 while position >= len(self.completed):
                     if self.total is not None and position >= self.total:
@@ -305,5 +306,6 @@ class Invocation:
                         raise TimeoutError(f"invocation {self.cid!r}: {position} of "
                                            f"{self.total or '?'} results after {timeout} s")
                     self._cond.wait(remaining)
-                result = self.completed[position]
-            yield result
+                landed = self.completed[position:]  # all that is in: one lock for them
+            position += len(landed)
+            yield from landed

@@ -41,12 +41,12 @@ import logging
 import os
 import pickle
 import queue
+import selectors
 import signal
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from multiprocessing.connection import wait
 from typing import Any, Protocol, cast
 
 import cloudpickle
@@ -80,6 +80,7 @@ BATCH_SECONDS = 0.002  # the work a batch of quick targets should hold
 MAX_BATCH = 512  # targets in one batch at most
 MAX_BATCH_BYTES = 1 << 20  # pickled requests in one batch at most, unless it is one target
 _PREFETCH_BYTES = 32 << 10  # a batch sent to a busy worker must fit in its pipe's buffer
+_AHEAD = 3  # batches of quick targets queued for a busy worker, if its pipe holds them
 _JOURNAL_SIZE = 1 << 20  # bytes of outcomes a worker holds before it must send them
 
 
@@ -187,6 +188,9 @@ class TargetPool:
         self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # What the manager waits on: registered once, not for every wait.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._workers: list[_Worker] = []
         self._retiring: list[_Worker] = []  # told to stop, not yet exited; not counted in size
         self._next_memory_check = 0.0  # monotonic seconds
@@ -260,6 +264,7 @@ class TargetPool:
                 self._accepting = False
             self._stop_workers()
             self._fail_everything()  # what was running, queued, or sent after the failure
+            self._selector.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -288,22 +293,15 @@ class TargetPool:
         if self._limits.max_memory_per_worker is not None and self._has_work():
             deadlines.append(self._next_memory_check)
         timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        by_handle: dict[Any, tuple[str, _Worker]] = {}
-        for worker in self._workers:
-            by_handle[worker.outcomes] = ("outcome", worker)
-            by_handle[worker.process.sentinel] = ("exit", worker)
-        for worker in self._retiring:
-            by_handle[worker.process.sentinel] = ("retired", worker)
-        ready = wait([self._wake_r, *by_handle], timeout)
+        ready = self._selector.select(timeout)
         exits = []
-        for handle in ready:
-            if handle == self._wake_r:
+        for key, _ in ready:
+            kind, worker = key.data
+            if kind == "wake":
                 os.read(self._wake_r, 4096)
-                continue
-            kind, worker = by_handle[handle]
-            if kind == "retired":
+            elif kind == "retired":
                 self._retiring.remove(worker)
-                _release(worker)
+                self._release(worker)
             elif kind == "exit" or (worker in self._workers and not self._receive(worker)):
                 exits.append(worker)  # reaped after the outcomes: a worker may send, then exit
         for worker in exits:
@@ -321,7 +319,10 @@ class TargetPool:
             except OSError as exc:
                 self._start_failed(f"{type(exc).__name__}: {exc}")
                 return
-            self._workers.append(_Worker(process))
+            worker = _Worker(process)
+            self._workers.append(worker)
+            self._selector.register(worker.outcomes, selectors.EVENT_READ, ("outcome", worker))
+            self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
             self.stats.workers_started += 1
         self._publish_pids()
 
@@ -451,6 +452,8 @@ class TargetPool:
         """Replace a healthy worker: it is told to stop, and reaped when it has exited."""
         self._workers.remove(worker)
         self._retiring.append(worker)
+        self._selector.unregister(worker.outcomes)  # it has nothing more to say
+        self._selector.modify(worker.process.sentinel, selectors.EVENT_READ, ("retired", worker))
         self.stats.workers_recycled += 1
         self._publish_pids()
         try:
@@ -484,7 +487,7 @@ class TargetPool:
         self._drain(worker)  # a dead worker's pipe still holds what it sent
         if worker.inflight:
             self._take_outcomes(worker, entries(worker.journal.committed()))
-        exitcode = _release(worker)
+        exitcode = self._release(worker)
         self._publish_pids()
         if not worker.ready:
             weight = _KILLED_START_WEIGHT if exitcode == -signal.SIGKILL else 1.0
@@ -552,10 +555,22 @@ class TargetPool:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.exitcode is None:
                 _kill_tree(worker.process.pid)
-            _release(worker)
+            self._release(worker)
         self._workers.clear()
         self._retiring.clear()
         self._publish_pids()
+
+    def _release(self, worker: _Worker) -> int | None:
+        """Reap a worker that has exited or been killed, close its pipes and files; its exit
+        code."""
+        for handle in (worker.outcomes, worker.process.sentinel):
+            try:
+                self._selector.unregister(handle)
+            except KeyError:
+                pass  # a retired worker's outcomes are no longer watched
+        exitcode = worker.process.join(_STOP_GRACE)
+        worker.process.close()
+        return exitcode
 
     def _publish_pids(self) -> None:
         self.pids = tuple(w.pid for w in self._workers if w.pid is not None)
@@ -600,8 +615,10 @@ class TargetPool:
     def _room(self, worker: _Worker) -> int:
         """How many more tasks `worker` may be sent now; 0 if none.
 
-        An idle worker gets a batch. A busy one gets the next batch ahead of time only when its
-        targets are quick (so nothing waits long behind them) and one batch is not queued yet.
+        An idle worker gets a batch. A busy one gets batches ahead of time only when its targets
+        are quick (so nothing waits long behind them): one, or `_AHEAD` where its pipe is large
+        enough, so that it keeps working while the manager waits for the GIL (a caller thread
+        consuming results holds it for up to the interpreter's switch interval, 5 ms).
         """
         if not worker.ready or worker.gone or worker.held is not None:
             return 0
@@ -611,8 +628,9 @@ class TargetPool:
         if worker.inflight:
             owner = worker.inflight[-1].owner
             pace = self._paces.get(owner)
+            ahead = _AHEAD if worker.process.pipe_bytes >= _AHEAD * 2 * _PREFETCH_BYTES else 1
             if pace is None or pace.duration is None or pace.duration >= BATCH_SECONDS \
-                    or len(worker.inflight) > self._batch_size(owner):
+                    or len(worker.inflight) > ahead * self._batch_size(owner):
                 return 0
         return max(0, room)
 
@@ -721,14 +739,6 @@ def _failure(body: memoryview, started: float, finished: float, pid: int | None)
         value = RemoteError("unknown", f"unpickling in the caller failed: "
                                        f"{type(exc).__name__}: {exc}", text)
     return Outcome(False, value, text, started, finished, pid)
-
-
-def _release(worker: _Worker) -> int | None:
-    """Reap a worker that has exited or been killed, close its pipes and journal; its exit
-    code."""
-    exitcode = worker.process.join(_STOP_GRACE)
-    worker.process.close()
-    return exitcode
 
 
 def _kill_tree(pid: int | None) -> None:

@@ -64,6 +64,8 @@ class WorkerProcess:
                     os.close(fd)
         self.pid: int = self._popen.pid
         self.tasks = Connection(tasks_w, readable=False)
+        #: how many bytes the task pipe holds: what may be sent ahead without blocking
+        self.pipe_bytes = _enlarge(tasks_w, 1 << 20)
         self.outcomes = Connection(outcomes_r, writable=False)
         self.acks = acks_w  #: a byte here tells the worker its spill file was read
         #: readable once the process has exited: for `multiprocessing.connection.wait`
@@ -114,6 +116,16 @@ class WorkerProcess:
                 os.write(self.acks, b"\0")
             except OSError:
                 pass  # it is gone
+
+
+def _enlarge(fd: int, size: int) -> int:
+    """Ask for a pipe buffer of `size` bytes (Linux); the size it has."""
+    try:
+        import fcntl
+
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except (ImportError, AttributeError, OSError):  # not Linux, or over the system's limit
+        return 1 << 16  # Linux's default
 
 
 def _read(fd: int, size: int, offset: int) -> bytes:
