@@ -84,7 +84,8 @@ class Journal:
         os.close(self.fd)
 
 
-def entries(message: bytes | memoryview) -> Iterator[tuple[int, int, float, float, memoryview]]:
+def entries(message: bytes | bytearray | memoryview,
+            ) -> Iterator[tuple[int, int, float, float, memoryview]]:
     """(task id, status, started, finished, body) of each entry of an `OUTCOMES` message."""
     view = memoryview(message)
     position, size = len(OUTCOMES), len(view)

@@ -50,7 +50,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, cast
 
 import cloudpickle
-import psutil
 
 from ._exceptions import (
     EngineBrokenError,
@@ -148,6 +147,8 @@ class _Worker:
 
     def rss(self) -> int:
         """Resident memory in bytes, 0 if it cannot be read (the process is going)."""
+        import psutil  # imported when first needed: it is slow to import
+
         try:
             return int(psutil.Process(self.pid).memory_info().rss)
         except (psutil.Error, ValueError):
@@ -745,6 +746,8 @@ def _kill_tree(pid: int | None) -> None:
     """SIGKILL a worker and every process it started, so no grandchild outlives it."""
     if pid is None:
         return
+    import psutil  # imported when first needed: it is slow to import
+
     try:
         parent = psutil.Process(pid)
         victims = [*parent.children(recursive=True), parent]

@@ -13,10 +13,10 @@ import os
 import pickle
 import subprocess
 import sys
-from multiprocessing.connection import Connection
 from typing import NoReturn
 
 from ._journal import Journal
+from ._pipe import Pipe
 
 
 def _pidfd_works() -> bool:
@@ -63,10 +63,10 @@ class WorkerProcess:
                 if fd is not None:
                     os.close(fd)
         self.pid: int = self._popen.pid
-        self.tasks = Connection(tasks_w, readable=False)
+        self.tasks = Pipe(tasks_w)
         #: how many bytes the task pipe holds: what may be sent ahead without blocking
         self.pipe_bytes = _enlarge(tasks_w, 1 << 20)
-        self.outcomes = Connection(outcomes_r, writable=False)
+        self.outcomes = Pipe(outcomes_r)
         self.acks = acks_w  #: a byte here tells the worker its spill file was read
         #: readable once the process has exited: for `multiprocessing.connection.wait`
         self.sentinel: int = os.pidfd_open(self.pid) if exit_r is None else exit_r

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import pickle
 import signal
-import struct
 import sys
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import Any
 from ._context import _current
 from ._exceptions import RemoteError, SerializationError
 from ._journal import ENTRY, Journal
+from ._pipe import Pipe
 
 CONTROL = b"C"  #: the first byte of a READY or START_FAILED message
 LARGE = b"L"  #: the first byte of the header of a response written to the spill file
@@ -52,54 +52,11 @@ def main(argv: list[str]) -> None:
     tasks_fd, outcomes_fd, journal_fd, journal_size, spill_fd, acks_fd, parent_pid = map(int, argv)
     tasks, outcomes = Pipe(tasks_fd), Pipe(outcomes_fd)
     try:
-        sys.path[:], initializer = pickle.loads(tasks.recv())
+        sys.path[:], initializer = pickle.loads(tasks.recv_bytes())
     except (EOFError, OSError):
         return  # the pool went away before we started
     reporter = _Reporter(outcomes, Journal(journal_fd, journal_size), spill_fd, acks_fd)
     serve(tasks, outcomes, reporter, parent_pid, initializer)
-
-
-class Pipe:
-    """One end of a pipe, in the message framing of `multiprocessing.connection.Connection`
-    (which the pool uses on its ends), without importing it: it is slow to import."""
-
-    _SIZE, _LARGE_SIZE = struct.Struct("!i"), struct.Struct("!Q")
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def send_bytes(self, data: bytes | memoryview) -> None:
-        size = len(data)
-        if size <= 0x7FFFFFFF:
-            header = self._SIZE.pack(size)
-        else:
-            header = self._SIZE.pack(-1) + self._LARGE_SIZE.pack(size)
-        if size <= 1 << 16:
-            self._write(header + data)  # one system call for a small message
-        else:
-            self._write(header)
-            self._write(data)  # no copy of a large one
-
-    def recv(self) -> bytearray:
-        (size,) = self._SIZE.unpack(self._read(4))
-        if size == -1:
-            (size,) = self._LARGE_SIZE.unpack(self._read(8))
-        return self._read(size)
-
-    def _write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-
-    def _read(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view, done = memoryview(buffer), 0
-        while done < size:
-            count = os.readv(self._fd, [view[done:]])
-            if count == 0:
-                raise EOFError("the pool closed the pipe")
-            done += count
-        return buffer
 
 
 def serve(tasks: Pipe, outcomes: Pipe, reporter: _Reporter, parent_pid: int,
@@ -121,7 +78,7 @@ def serve(tasks: Pipe, outcomes: Pipe, reporter: _Reporter, parent_pid: int,
     functions: dict[bytes, Callable[[Any], Any] | SerializationError] = {}
     while True:
         try:
-            message = tasks.recv()
+            message = tasks.recv_bytes()
         except (EOFError, OSError):
             return  # the pool closed our pipe or died
         if not message:
