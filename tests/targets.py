@@ -198,3 +198,8 @@ def large(kind_and_size: tuple[str, int]) -> Any:
     if kind == "nested":
         return {"parts": [data[: size // 2], data[size // 2:]], "size": size}
     return data
+
+
+def outcome_with_ballast(job: tuple[str, bytes]) -> str:
+    """`outcome`, with a request made bigger by ballast that it ignores."""
+    return outcome(job[0])

@@ -58,3 +58,33 @@ def test_every_target_yields_one_result_and_each_callback_runs_once(
         assert sorted(p["index"] for p in final.payloads[0]["data"]) == list(range(len(kinds)))
     else:
         assert final.payloads == []
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(size=st.integers(min_value=50, max_value=1500),
+       faults=st.lists(st.tuples(st.floats(min_value=0.0, max_value=1.0),
+                                 st.sampled_from(["raise", "exit", "kill"])), max_size=4),
+       ballast=st.sampled_from([0, 2_000, 40_000]), lazy=st.booleans())
+def test_batches_give_one_result_per_target_whatever_dies_in_them(
+        engine: Engine, size: int, faults: list[tuple[float, str]], ballast: int,
+        lazy: bool) -> None:
+    """Many quick targets (so they travel in batches, some held back for busy workers when the
+    requests are big), a few of which raise or kill their worker: each target has exactly one
+    result, the faulty ones fail as they should, every other one succeeds, each callback once."""
+    kinds = ["return"] * size
+    for where, kind in faults:
+        kinds[int(where * (size - 1))] = kind
+    padding = b"p" * ballast
+    work = [(targets.outcome_with_ballast, (kind, padding)) for kind in kinds]
+    recorder = Recorder()
+    cid = engine.invoke(iter(work) if lazy else work, callbacks=[recorder])
+    results = engine.wait(cid, timeout=120)
+    assert [r.index for r in results] == list(range(size))
+    for kind, result in zip(kinds, results, strict=True):
+        expected = EXPECTED[kind]
+        if expected is None:
+            assert result.ok and result.response == kind, result.exception
+        else:
+            assert isinstance(result.exception, expected), (kind, result.exception)
+    assert sorted(p["index"] for p in recorder.payloads) == list(range(size))
