@@ -3,8 +3,8 @@
 Fork+exec (``subprocess``, which execs at once in the child) is safe whatever the caller's
 threads hold, on every Python version. The child imports only the worker's modules, not the
 caller's ``__main__``, so it is serving some tens of milliseconds after it was asked for. Its
-pipes and journal are inherited file descriptors; the caller's ``sys.path`` is its first message,
-so targets import in the worker as they do in the caller.
+pipes, journal and spill file are inherited file descriptors; the caller's ``sys.path`` is its
+first message, so targets import in the worker as they do in the caller.
 """
 
 from __future__ import annotations

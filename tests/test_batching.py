@@ -8,6 +8,7 @@ Each test checks, through a log written by every run, that no target ran twice o
 from __future__ import annotations
 
 import collections
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,8 +74,6 @@ def test_a_request_that_will_not_unpickle_in_the_worker_fails_alone(engine: Engi
 
 
 def test_unpicklable_requests_and_responses_in_a_batch_fail_alone(engine: Engine) -> None:
-    import threading
-
     work = [(targets.echo, i) for i in range(COUNT)]
     work[SPECIAL] = (targets.echo, threading.Lock())  # will not pickle in the caller
     work[SPECIAL + 1] = (targets.unpicklable_response, None)  # will not pickle in the worker
