@@ -25,7 +25,7 @@ from ._context import Channel
 from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledError
 from ._invocation import Invocation, NamedCallback, Phase
 from ._names import Registry
-from ._pool import Limits, Owner, Report, TargetPool, Task
+from ._pool import Limits, Owner, Report, TargetPool
 from ._result import Result
 
 logger = logging.getLogger("engine")
@@ -380,8 +380,8 @@ def _check_timeout(timeout: float | None) -> None:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
 
 
-def _cancelled_while_running(task: Task) -> TargetCancelledError:
-    return TargetCancelledError(task.target, running=True)
+def _cancelled_while_running(target: str) -> TargetCancelledError:
+    return TargetCancelledError(target, running=True)
 
 
 def _remaining(deadline: float | None) -> float | None:

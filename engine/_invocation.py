@@ -17,7 +17,7 @@ from ._callbacks import Callback, CallbackPool
 from ._context import CallContext, Channel
 from ._exceptions import SerializationError, TargetCancelledError
 from ._names import Registry
-from ._pool import Report, Task
+from ._pool import Batch, Report
 from ._result import Outcome, Result, utc_timestamp
 
 logger = logging.getLogger("engine")
@@ -80,52 +80,75 @@ class Invocation:
 
     # -- the feed the target pool pulls from (manager thread) ----------------------------------
 
-    def next_tasks(self, limit: int) -> list[Task]:
-        """Up to `limit` next targets as tasks; [] once the input is exhausted or cancelled."""
-        if self._checked:
-            return self._next_checked(limit)
-        tasks: list[Task] = []
-        last: Any = _NOTHING  # consecutive targets are mostly the same: resolve once
-        with self._feed_lock:
-            while len(tasks) < limit and not self.cancelled:
-                pulled = self._pull()
-                if pulled is None:
-                    break
-                index, target, request = pulled
-                if target is not last:
-                    fn_blob: bytes | BaseException
-                    try:
-                        name, fn_blob = self.resolve(target)
-                    except Exception as exc:  # a lazily given bad target fails on its own
-                        name, fn_blob = self._name(target), exc
-                    last = target
-                if isinstance(fn_blob, BaseException):
-                    self.record(index, name, Outcome.failure(fn_blob))
-                    continue
-                tasks.append(Task(self, index, name, fn_blob, request))
-        return tasks
+    def next_tasks(self, limit: int) -> Batch | None:
+        """Up to `limit` next targets as a batch; None once the input is exhausted or cancelled.
 
-    def _next_checked(self, limit: int) -> list[Task]:
-        """`next_tasks` for a list of pairs whose targets all resolved at invoke: in bulk."""
-        tasks: list[Task] = []
-        last: Any = _NOTHING
+        A target that fails before it runs (it will not pickle, or a lazily given one is no
+        target) is recorded here, and the input is read on.
+        """
         with self._feed_lock:
-            if self.cancelled:
-                return tasks
-            start = self._pulled
-            pairs = list(itertools.islice(self._items, limit))
-            self._pulled = start + len(pairs)
-            for index, (target, request) in enumerate(pairs, start):
-                if target is not last:
-                    name, fn_blob = self.resolve(target)
-                    last = target
-                if isinstance(fn_blob, BaseException):
-                    self.record(index, name, Outcome.failure(fn_blob))
+            while not self.cancelled:
+                if self._checked:
+                    start = self._pulled
+                    pairs = list(itertools.islice(self._items, limit))
+                    self._pulled = start + len(pairs)
+                    batch = self._checked_batch(start, pairs)
+                    exhausted = len(pairs) < limit
+                    if exhausted:
+                        self._set_total(self._pulled)
                 else:
-                    tasks.append(Task(self, index, name, fn_blob, request))
-            if len(pairs) < limit:
-                self._set_total(self._pulled)
-        return tasks
+                    pulled = self._pull_many(limit)
+                    batch = self._batch(pulled)
+                    exhausted = len(pulled) < limit
+                if batch is not None or exhausted:
+                    return batch
+        return None
+
+    def _checked_batch(self, start: int, pairs: list[tuple[Any, Any]]) -> Batch | None:
+        """The batch of pairs from a list checked at invoke: one target for all, mostly."""
+        if not pairs:
+            return None
+        first, count = pairs[0][0], len(pairs)
+        if [target for target, _ in pairs].count(first) < count:
+            return self._batch([(index, *pair) for index, pair in enumerate(pairs, start)])
+        name, blob = self.resolve(first)
+        if isinstance(blob, BaseException):
+            self.record_all([(index, name, *Outcome.failure(blob), 1)
+                             for index in range(start, start + count)])
+            return None
+        return Batch(self, range(start, start + count), [name] * count, [blob], [0] * count,
+                     [request for _, request in pairs])
+
+    def _batch(self, pulled: list[tuple[int, Any, Any]]) -> Batch | None:
+        """The batch of (index, target, request) triples; the targets that fail are recorded."""
+        indices, names, positions, requests = [], [], [], []
+        functions: dict[bytes, int] = {}
+        last: Any = _NOTHING  # consecutive targets are mostly the same: resolve once
+        for index, target, request in pulled:
+            if target is not last:
+                fn_blob: bytes | BaseException
+                try:
+                    name, fn_blob = self.resolve(target)
+                except Exception as exc:  # a lazily given bad target fails on its own
+                    name, fn_blob = self._name(target), exc
+                last = target
+            if isinstance(fn_blob, BaseException):
+                self.record(index, name, Outcome.failure(fn_blob))
+                continue
+            indices.append(index)
+            names.append(name)
+            positions.append(functions.setdefault(fn_blob, len(functions)))
+            requests.append(request)
+        if not indices:
+            return None
+        return Batch(self, indices, names, list(functions), positions, requests)
+
+    def _pull_many(self, limit: int) -> list[tuple[int, Any, Any]]:
+        """Up to `limit` next items of a lazy input; fewer only once it is exhausted."""
+        pulled: list[tuple[int, Any, Any]] = []
+        while len(pulled) < limit and (item := self._pull()) is not None:
+            pulled.append(item)
+        return pulled
 
     def _pull(self) -> tuple[int, Any, Any] | None:
         """The next (index, target, request), or None once the input is exhausted."""

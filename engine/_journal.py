@@ -5,22 +5,28 @@ small targets fast. Outcomes not yet sent must not die with the worker, so each 
 here the moment it exists (a memory copy, no system call), and the journal's bytes are what is
 sent. If the worker dies mid-batch, the pool reads the outcomes from the journal instead.
 
-Layout: an 8-byte header holding the end of the committed entries, then the message tag
-(`OUTCOMES`), then entries; an entry is `ENTRY` followed by its pickled body. The header is
-updated only after an entry is complete, so a reader never sees half an entry.
+The entries are one pickle stream, so that the pool reads a whole batch with one `pickle.loads`:
+after an 8-byte header holding the end of the committed entries come ``PROTO 3`` and ``MARK``,
+then each entry, the pickle of the tuple ``(task id, status, started, finished, value)`` without
+its final ``STOP``; the reader closes the list (``LIST``, ``STOP``). Protocol 3 names its memo
+slots explicitly (4 and later number them implicitly), so pickles made one by one concatenate:
+each entry's references are to slots it set itself. The header is updated only after an entry
+is complete, so a reader never sees half an entry.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import pickle
 import struct
-from collections.abc import Iterator
+from typing import Any
 
-OUTCOMES = b"O"  #: the first byte of a message of outcome entries
-ENTRY = struct.Struct("<QIBdd")  #: task id, body length, status, started, finished
+OUTCOMES = b"\x80\x03("  #: the start of every message of entries: PROTO 3, MARK
+_END = b"l."  #: LIST, STOP: what the reader appends
 _HEADER = struct.Struct("<Q")
 _START = _HEADER.size + len(OUTCOMES)
+Entry = tuple[int, int, float, float, Any]  #: task id, status, started, finished, value
 
 
 class Journal:
@@ -53,19 +59,20 @@ class Journal:
     # -- the worker's side -------------------------------------------------------------------
 
     def append(self, task_id: int, status: int, started: float, finished: float,
-               body: bytes) -> bool:
-        """Commit one entry; False if it does not fit in what is left."""
-        end = self._end + ENTRY.size + len(body)
-        if end > self.size:
+               value: Any) -> bool:
+        """Commit one entry; False if it does not fit in what is left. `value` must be of a
+        builtin type that any interpreter unpickles (the pool reads a batch at once)."""
+        entry = pickle.dumps((task_id, status, started, finished, value), 3)
+        end = self._end + len(entry) - 1  # without STOP; its PROTO is harmless mid-stream
+        if end + 1 > self.size:
             return False
-        ENTRY.pack_into(self._map, self._end, task_id, len(body), status, started, finished)
-        self._map[self._end + ENTRY.size:end] = body
+        self._map[self._end:end + 1] = entry
         _HEADER.pack_into(self._map, 0, end)
         self._end = end
         return True
 
     def pending(self) -> memoryview | None:
-        """The message to send: the tag and every entry committed since the last `clear`."""
+        """The message to send: every entry committed since the last `clear`."""
         return memoryview(self._map)[_HEADER.size:self._end] if self._end > _START else None
 
     def clear(self) -> None:
@@ -75,7 +82,7 @@ class Journal:
     # -- the pool's side, once the worker is gone ------------------------------------------------
 
     def committed(self) -> bytes:
-        """The tag and every entry the worker committed and had not yet sent (or just sent)."""
+        """Every entry the worker committed and had not yet sent (or just sent)."""
         (end,) = _HEADER.unpack_from(self._map, 0)
         return self._map[_HEADER.size:min(max(end, _START), self.size)]
 
@@ -84,13 +91,7 @@ class Journal:
         os.close(self.fd)
 
 
-def entries(message: bytes | bytearray | memoryview,
-            ) -> Iterator[tuple[int, int, float, float, memoryview]]:
-    """(task id, status, started, finished, body) of each entry of an `OUTCOMES` message."""
-    view = memoryview(message)
-    position, size = len(OUTCOMES), len(view)
-    while position + ENTRY.size <= size:
-        task_id, length, status, started, finished = ENTRY.unpack_from(view, position)
-        position += ENTRY.size
-        yield task_id, status, started, finished, view[position:position + length]
-        position += length
+def entries(message: bytes | bytearray) -> list[Entry]:
+    """The entries of an `OUTCOMES` message (or of a journal's committed part), in order."""
+    entries: list[Entry] = pickle.loads(message + _END)
+    return entries

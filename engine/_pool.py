@@ -11,7 +11,7 @@
                                   │   each worker's sentinel      ◄─────────── the process exits
                                   │   the nearest target deadline
                                   │ sends a batch to a worker ───────────────► its own task pipe
-                                  └ deliver(task, outcome): record + enqueue callbacks, never waits
+                                  └ deliver(owner, reports): record + enqueue callbacks, never waits
 
 Quick targets travel in batches (about `BATCH_SECONDS` of work each, sized from what the
 owner's targets took so far; one at a time until that is known, or when they are slow). A worker
@@ -20,10 +20,11 @@ runs its batch in order and writes each outcome to its journal (`engine._journal
 Invariants:
 
 * Only the manager thread touches workers, feeds and the requeue; other threads send commands.
-* Each worker has its own pipes and journal; ``worker.inflight`` holds the tasks sent to it in
-  the order it runs them, so its first task is the one running. A death or a timeout is charged
-  to exactly that target: what finished before it is delivered (from the journal if it was not
-  sent), what is queued behind it never started and is requeued.
+* Each worker has its own pipes and journal; ``worker.inflight`` holds the batches sent to it in
+  the order it runs them, so the first task without an outcome of its first batch is the one
+  running. A death or a timeout is charged to exactly that target: what finished before it is
+  delivered (from the journal if it was not sent), what is queued behind it never started and
+  is requeued.
 * Every task taken from a feed is delivered exactly once: with its outcome, or with the reason it
   has none (crash, timeout, cancellation, pickling).
 * Requests are pickled only when sent, so memory holds the work in flight, not the invocation.
@@ -46,7 +47,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, cast
 
 import cloudpickle
@@ -63,10 +64,10 @@ from ._exceptions import (
     WorkerStartError,
     describe_exit,
 )
-from ._journal import ENTRY, OUTCOMES, entries
+from ._journal import OUTCOMES, Entry, entries
 from ._process import WorkerProcess
 from ._result import Outcome
-from ._worker import LARGE, OK, START_FAILED, UNLOADED
+from ._worker import LARGE, OK, PICKLED, START_FAILED, UNLOADED
 
 LOADED = -3  #: a status of the pool's own: a large response, already read from the spill file
 
@@ -84,17 +85,35 @@ _JOURNAL_SIZE = 1 << 20  # bytes of outcomes a worker holds before it must send 
 
 
 @dataclasses.dataclass(slots=True, eq=False)
-class Task:
-    """One target to run: what the worker needs, plus its owner for the engine's bookkeeping."""
+class Batch:
+    """Tasks of one owner that one worker runs in order, kept as columns: the engine makes no
+    object per target (a million of them would keep the garbage collector busy).
+
+    Task `k` runs `functions[positions[k]]` (target `targets[k]`) on `requests[k]`; it is at
+    `indices[k]` in its owner's input, and a worker reports it as task ``first_id + k``.
+    """
 
     owner: Owner
-    index: int
-    target: str
-    fn_blob: bytes
-    request: Any
-    attempt: int = 1
-    id: int = 0  #: set when sent; a worker reports outcomes by it
-    alone: bool = False  #: send it in a batch of its own (its batch did not unpickle)
+    indices: Sequence[int]
+    targets: list[str]
+    functions: list[bytes]  #: pickled functions, each once
+    positions: list[int]
+    requests: list[Any]
+    attempt: int = 1  #: of every task in it (a task run again travels alone)
+    first_id: int = 0  #: set when sent
+    done: int = 0  #: the first `done` tasks have their outcome
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def part(self, start: int, stop: int | None = None) -> Batch:
+        """Tasks `start` to `stop` as a batch not yet sent."""
+        return Batch(self.owner, self.indices[start:stop], self.targets[start:stop],
+                     self.functions, self.positions[start:stop], self.requests[start:stop],
+                     self.attempt)
+
+    def singles(self) -> list[Batch]:
+        return [self.part(k, k + 1) for k in range(len(self))]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -116,8 +135,9 @@ class Owner(Protocol):
     retry_on: tuple[type[BaseException], ...]  #: raised exceptions that are retried too
     prefix: tuple[str, str, str]  #: (channel, cid, source) of each target's CallContext
 
-    def next_tasks(self, limit: int) -> list[Task]:
-        """Up to `limit` next tasks, pulled only as workers free up; [] when there are no more."""
+    def next_tasks(self, limit: int) -> Batch | None:
+        """Up to `limit` next tasks, pulled only as workers free up; None when there are no more.
+        """
 
 
 # (index, target name, ok, value, traceback, started, finished, pid, attempts): see `Outcome`
@@ -135,8 +155,8 @@ class _Worker:
         self.tasks, self.outcomes, self.journal = process.tasks, process.outcomes, process.journal
         self.pid: int = process.pid
         self.ready = False  # it has said it serves
-        self.inflight: collections.deque[Task] = collections.deque()  # sent, in run order
-        self.held: tuple[list[Task], bytes] | None = None  # a batch waiting for it to be idle
+        self.inflight: collections.deque[Batch] = collections.deque()  # sent, in run order
+        self.held: tuple[Batch, bytes] | None = None  # a batch waiting for it to be idle
         self.gone = False  # its task pipe is broken: it is dying, its sentinel will say so
         self.head_since = 0.0  # epoch seconds when inflight[0] started (at the latest)
         self.deadline: float | None = None  # monotonic seconds, for inflight[0]
@@ -144,6 +164,14 @@ class _Worker:
         self.last_rss: int | None = None  # at the last memory check of the running task
         self.growth = 0  # consecutive checks that found it over the limit and growing
         self.start_error: str | None = None  # its initializer's traceback, if it raised
+
+    def running(self) -> tuple[Batch, int] | None:
+        """The batch and position of the task it runs now, if any."""
+        return (self.inflight[0], self.inflight[0].done) if self.inflight else None
+
+    def waiting(self) -> int:
+        """Tasks sent to it that have no outcome yet."""
+        return sum(len(batch) - batch.done for batch in self.inflight)
 
     def rss(self) -> int:
         """Resident memory in bytes, 0 if it cannot be read (the process is going)."""
@@ -196,7 +224,7 @@ class TargetPool:
         self._retiring: list[_Worker] = []  # told to stop, not yet exited; not counted in size
         self._next_memory_check = 0.0  # monotonic seconds
         self._feeds: collections.deque[Owner] = collections.deque()
-        self._requeued: collections.deque[Task] = collections.deque()
+        self._requeued: collections.deque[Batch] = collections.deque()
         # How long a target of each owner takes and how big its request is: it sizes batches.
         self._paces: weakref.WeakKeyDictionary[Owner, _Pace] = weakref.WeakKeyDictionary()
         self._closing = False
@@ -216,12 +244,12 @@ class TargetPool:
     def add_feed(self, feed: Owner) -> None:
         if self._command("feed", feed):
             return
-        while tasks := feed.next_tasks(MAX_BATCH):  # the manager is gone: fail, never hang
-            for task in tasks:
-                self._fail(task, self._unrunnable(task))
+        while batch := feed.next_tasks(MAX_BATCH):  # the manager is gone: fail, never hang
+            self._fail(batch, self._unrunnable)
 
-    def kill_running(self, owner: Owner, reason: Callable[[Task], TargetError]) -> None:
-        """Kill the workers running tasks of `owner`; each such task fails with `reason(task)`."""
+    def kill_running(self, owner: Owner, reason: Callable[[str], TargetError]) -> None:
+        """Kill the workers running tasks of `owner`; each such task fails with `reason(target)`.
+        """
         self._command("kill", owner, reason)
 
     def close(self) -> None:
@@ -284,8 +312,10 @@ class TargetPool:
             elif kind == "kill":
                 _, owner, reason = command
                 for worker in list(self._workers):
-                    if worker.inflight and worker.inflight[0].owner is owner:
-                        self._kill(worker, reason(worker.inflight[0]))
+                    running = worker.running()
+                    if running is not None and running[0].owner is owner:
+                        batch, k = running
+                        self._kill(worker, reason(batch.targets[k]))
             elif kind == "close":
                 self._closing = True
 
@@ -342,11 +372,10 @@ class TargetPool:
             message = worker.outcomes.recv_bytes()
         except (EOFError, OSError):
             return False
-        if message[:1] == OUTCOMES:
+        if message.startswith(OUTCOMES):
             self._take_outcomes(worker, entries(message))
         elif message[:1] == LARGE:
-            task_id, _, status, started, finished = ENTRY.unpack_from(message, 1)
-            raw, sizes = pickle.loads(message[1 + ENTRY.size:])
+            task_id, status, started, finished, raw, sizes = pickle.loads(message[1:])
             value: Any
             try:  # a failure's body is read as it is, and unpickled as any failure's
                 value = (True, worker.process.read_spill(raw or status != OK, sizes))
@@ -382,29 +411,39 @@ class TargetPool:
         timeout = worker.inflight[0].owner.timeout
         worker.deadline = None if timeout is None else time.monotonic() + timeout
 
-    def _take_outcomes(self, worker: _Worker,
-                       outcomes: Iterable[tuple[int, int, float, float, Any]]) -> None:
+    def _take_outcomes(self, worker: _Worker, outcomes: Iterable[Entry]) -> None:
         """Deliver what a worker reports, in the order it ran them; skip what was delivered."""
-        inflight, resend = worker.inflight, []
+        inflight, pid = worker.inflight, worker.pid
         reports: list[Report] = []
+        resend: list[Batch] = []
         busy, count = 0.0, 0
         owner: Owner | None = None
         for task_id, status, started, finished, body in outcomes:
-            if not inflight or task_id < inflight[0].id:
+            if not inflight:
+                break
+            batch = inflight[0]
+            k = task_id - batch.first_id
+            if k < batch.done:
                 continue  # read again from the journal after it was sent
-            task = inflight.popleft()
-            assert task.id == task_id, "a worker reported outcomes out of order"
+            assert k == batch.done, "a worker reported outcomes out of order"
+            batch.done += 1
+            if batch.done == len(batch):
+                inflight.popleft()
             if status == UNLOADED:
-                task.alone = True
-                resend.append(task)
+                resend.append(batch.part(k, k + 1))
                 continue
-            if task.owner is not owner:
+            if batch.owner is not owner:
                 if owner is not None and reports:
                     self._deliver_safely(owner, reports)
                     reports = []
-                owner = task.owner
+                owner = batch.owner
             busy, count = busy + finished - started, count + 1
-            if status == OK or status == LOADED:
+            index, target = batch.indices[k], batch.targets[k]
+            if status == OK:
+                reports.append((index, target, True, body, None, started, finished, pid,
+                                batch.attempt))
+                continue
+            if status == PICKLED or status == LOADED:
                 try:
                     if status == LOADED:
                         loaded, value = cast(tuple[bool, Any], body)
@@ -412,18 +451,18 @@ class TargetPool:
                             raise cast(BaseException, value)
                     else:
                         value = pickle.loads(body)
-                    reports.append((task.index, task.target, True, value, None, started,
-                                    finished, worker.pid, task.attempt))
+                    reports.append((index, target, True, value, None, started, finished, pid,
+                                    batch.attempt))
                     continue
                 except BaseException as exc:
                     detail = f"unpickling in the caller failed: {type(exc).__name__}: {exc}"
-                    outcome = Outcome.failure(SerializationError(task.target, "response", detail),
-                                              started=started, finished=finished, pid=worker.pid)
+                    outcome = Outcome.failure(SerializationError(target, "response", detail),
+                                              started=started, finished=finished, pid=pid)
             else:
-                outcome = _failure(body, started, finished, worker.pid)
-                if isinstance(outcome.value, task.owner.retry_on) and self._retry(task):
+                outcome = _failure(body, started, finished, pid)
+                if isinstance(outcome.value, owner.retry_on) and self._retry(batch, k):
                     continue
-            reports.append((task.index, task.target, *outcome, task.attempt))
+            reports.append((index, target, *outcome, batch.attempt))
         worker.tasks_run += count + len(resend)
         if owner is not None and reports:
             self._deliver_safely(owner, reports)
@@ -432,14 +471,15 @@ class TargetPool:
         if owner is not None:
             self._paces.setdefault(owner, _Pace()).ran(busy / count, count)
 
-    def _retry(self, task: Task) -> bool:
-        """Queue another attempt of `task` (first in line), if it has one left."""
-        if task.attempt > task.owner.retries:
+    def _retry(self, batch: Batch, k: int) -> bool:
+        """Queue another attempt of task `k` of `batch` (first in line, on its own: it may be
+        what kills workers), if it has one left."""
+        if batch.attempt > batch.owner.retries:
             return False
-        task.attempt += 1
-        task.alone = True  # it may be what kills workers: never again in a batch
+        again = batch.part(k, k + 1)
+        again.attempt += 1
         self.stats.retries += 1
-        self._requeued.appendleft(task)
+        self._requeued.appendleft(again)
         return True
 
     def _worn_out(self, worker: _Worker) -> bool:
@@ -464,9 +504,9 @@ class TargetPool:
 
     def _kill(self, worker: _Worker, reason: TargetError) -> None:
         """Kill `worker` and its children unless its running task has finished after all."""
-        task = worker.inflight[0]
+        running = worker.running()
         self._drain(worker)
-        if worker not in self._workers or not worker.inflight or worker.inflight[0] is not task:
+        if worker not in self._workers or worker.running() != running:
             return  # the outcome won the race against the deadline or the cancellation
         _kill_tree(worker.process.pid)
         self._reap(worker, reason)
@@ -495,23 +535,22 @@ class TargetPool:
             self._start_failed(worker.start_error or f"worker {worker.pid} exited before it "
                                f"was ready, with {describe_exit(exitcode)}", weight)
             return
-        never_sent = self._unhold(worker)
-        if not worker.inflight:
-            self._requeued.extendleft(reversed(never_sent))
+        running = worker.running()
+        self._requeued.extendleft(reversed(self._unsent(worker)))
+        if running is None:
             if not self._closing:
                 logger.warning("engine worker %s died idle with exit code %s", worker.pid, exitcode)
             return
-        task = worker.inflight.popleft()
-        self._requeued.extendleft(reversed([*worker.inflight, *never_sent]))
-        worker.inflight.clear()
+        batch, k = running
         self.stats.worker_deaths += 1
         if reason is None:
-            reason = WorkerCrashedError(task.target, worker.pid, exitcode)
+            reason = WorkerCrashedError(batch.targets[k], worker.pid, exitcode)
             logger.warning("%s", reason)
-        if isinstance(reason, (WorkerCrashedError, TargetTimeoutError)) and self._retry(task):
+        if isinstance(reason, (WorkerCrashedError, TargetTimeoutError)) and self._retry(batch, k):
             return
         outcome = Outcome.failure(reason, started=worker.head_since, pid=worker.pid)
-        self._deliver_safely(task.owner, [(task.index, task.target, *outcome, task.attempt)])
+        self._deliver_safely(batch.owner, [(batch.indices[k], batch.targets[k], *outcome,
+                                            batch.attempt)])
 
     def _expire(self) -> None:
         """Kill the workers whose target is past its deadline or over the memory limit."""
@@ -522,11 +561,13 @@ class TargetPool:
         else:
             limit = None  # not time to look at memory yet
         for worker in list(self._workers):
-            if not worker.inflight:
+            running = worker.running()
+            if running is None:
                 continue
-            task = worker.inflight[0]
+            batch, k = running
+            target = batch.targets[k]
             if worker.deadline is not None and worker.deadline <= now:
-                self._kill(worker, TargetTimeoutError(task.target, task.owner.timeout or 0.0,
+                self._kill(worker, TargetTimeoutError(target, batch.owner.timeout or 0.0,
                                                       worker.pid))
             elif limit is not None:
                 # Over the limit and still growing at three checks in a row: killed now. Over
@@ -536,17 +577,15 @@ class TargetPool:
                 growing = last is not None and rss > limit and rss > last
                 worker.growth = worker.growth + 1 if growing else 0
                 if worker.growth >= 3:
-                    self._kill(worker, MemoryLimitError(task.target, limit, rss, worker.pid))
+                    self._kill(worker, MemoryLimitError(target, limit, rss, worker.pid))
 
     def _stop_workers(self) -> None:
         """Stop every worker; a target still running on one (only if the manager failed) is
         requeued, to be failed with the reason."""
         for worker in self._workers:
-            self._requeued.extend(self._unhold(worker))
             if worker.inflight:
-                self._requeued.extend(worker.inflight)
-                worker.inflight.clear()
                 _kill_tree(worker.process.pid)
+            self._requeued.extend(self._unsent(worker, running_too=True))
             try:
                 worker.tasks.send_bytes(b"")
             except OSError:
@@ -587,31 +626,28 @@ class TargetPool:
                    MAX_BATCH_BYTES / max(pace.request_bytes, 1.0))
         return max(1, min(MAX_BATCH, int(size)))
 
-    def _next_batch(self, room: int) -> list[Task]:
+    def _next_batch(self, room: int) -> Batch | None:
         """Up to `room` tasks of one owner: requeued ones first, then round robin over feeds."""
-        batch: list[Task] = []
+        batch: Batch | None
         while self._requeued:
-            task = self._requeued[0]
-            if task.owner.cancelled:
-                self._requeued.popleft()
-                self._fail(task, TargetCancelledError(task.target, running=False))
+            batch = self._requeued.popleft()
+            if batch.owner.cancelled:
+                self._fail(batch, lambda target: TargetCancelledError(target, running=False))
                 continue
-            if batch and (task.owner is not batch[0].owner or task.alone):
-                break
-            batch.append(self._requeued.popleft())
-            if task.alone or len(batch) >= min(room, self._batch_size(task.owner)):
-                break
-        if batch:
+            limit = min(room, self._batch_size(batch.owner))
+            if len(batch) > limit:
+                self._requeued.appendleft(batch.part(limit))
+                batch = batch.part(0, limit)
             return batch
         while self._feeds:
             feed = self._feeds[0]
             batch = feed.next_tasks(min(room, self._batch_size(feed)))
-            if not batch:
+            if batch is None:
                 self._feeds.popleft()
                 continue
             self._feeds.rotate(-1)  # round robin: a small invocation is not stuck behind a big one
             return batch
-        return []
+        return None
 
     def _room(self, worker: _Worker) -> int:
         """How many more tasks `worker` may be sent now; 0 if none.
@@ -623,15 +659,15 @@ class TargetPool:
         """
         if not worker.ready or worker.gone or worker.held is not None:
             return 0
-        room = MAX_BATCH
+        room, waiting = MAX_BATCH, worker.waiting()
         if self._limits.max_tasks_per_worker is not None:
-            room = self._limits.max_tasks_per_worker - worker.tasks_run - len(worker.inflight)
+            room = self._limits.max_tasks_per_worker - worker.tasks_run - waiting
         if worker.inflight:
             owner = worker.inflight[-1].owner
             pace = self._paces.get(owner)
             ahead = _AHEAD if worker.process.pipe_bytes >= _AHEAD * 2 * _PREFETCH_BYTES else 1
             if pace is None or pace.duration is None or pace.duration >= BATCH_SECONDS \
-                    or len(worker.inflight) > ahead * self._batch_size(owner):
+                    or waiting > ahead * self._batch_size(owner):
                 return 0
         return max(0, room)
 
@@ -642,66 +678,65 @@ class TargetPool:
         sent = True
         while sent:
             sent = False
-            for worker in sorted(self._workers, key=lambda w: len(w.inflight)):
+            for worker in sorted(self._workers, key=_Worker.waiting):
                 room = self._room(worker)
                 if not room:
                     continue
                 batch = self._next_batch(room)
-                if not batch:
+                if batch is None:
                     return
                 self._send(worker, batch)
                 sent = True
 
-    def _send(self, worker: _Worker, batch: list[Task]) -> None:
-        owner = batch[0].owner
+    def _send(self, worker: _Worker, batch: Batch) -> None:
+        owner = batch.owner
         try:
-            requests = cloudpickle.dumps([task.request for task in batch],
-                                         protocol=pickle.HIGHEST_PROTOCOL)
+            requests = cloudpickle.dumps(batch.requests, protocol=pickle.HIGHEST_PROTOCOL)
         except BaseException as exc:
             if len(batch) > 1:  # find the culprit: each is pickled on its own
-                for task in batch:
-                    task.alone = True
-                self._requeued.extendleft(reversed(batch))
+                self._requeued.extendleft(reversed(batch.singles()))
                 return
-            self._fail(batch[0], SerializationError(batch[0].target, "request",
-                                                    f"{type(exc).__name__}: {exc}"))
+            why = f"{type(exc).__name__}: {exc}"
+            self._fail(batch, lambda target: SerializationError(target, "request", why))
             return
         self._paces.setdefault(owner, _Pace()).request_bytes = len(requests) / len(batch)
         if len(requests) > MAX_BATCH_BYTES and len(batch) > 1:
             half = len(batch) // 2  # keep one message's memory bounded
-            self._requeued.extendleft(reversed(batch[half:]))
-            self._send(worker, batch[:half])
+            self._requeued.appendleft(batch.part(half))
+            self._send(worker, batch.part(0, half))
             return
-        functions: dict[bytes, int] = {}
-        items = []
-        for task in batch:
-            self._next_task_id += 1
-            task.id = self._next_task_id
-            position = functions.setdefault(task.fn_blob, len(functions))
-            items.append((task.id, position, task.target, task.index))
-        message = pickle.dumps((owner.prefix, owner.timeout is not None, list(functions), items,
+        batch.first_id, self._next_task_id = self._next_task_id, self._next_task_id + len(batch)
+        message = pickle.dumps((owner.prefix, owner.timeout is not None, batch.functions,
+                                batch.first_id, batch.positions, batch.targets, batch.indices,
                                 requests), protocol=pickle.HIGHEST_PROTOCOL)
         if worker.inflight and len(message) > _PREFETCH_BYTES:
             worker.held = (batch, message)  # a write that could block waits for an idle worker
             return
         self._send_message(worker, batch, message)
 
-    def _unhold(self, worker: _Worker) -> list[Task]:
-        """The tasks of the batch held for `worker`, which never reached it."""
-        batch = worker.held[0] if worker.held is not None else []
-        worker.held = None
-        return batch
+    def _unsent(self, worker: _Worker, *, running_too: bool = False) -> list[Batch]:
+        """Take back what `worker` was given and has not begun (and what it runs, if asked)."""
+        parts = []
+        for position, batch in enumerate(worker.inflight):
+            start = batch.done + (1 if position == 0 and not running_too else 0)
+            if start < len(batch):
+                parts.append(batch.part(start))
+        worker.inflight.clear()
+        if worker.held is not None:
+            parts.append(worker.held[0])
+            worker.held = None
+        return parts
 
-    def _send_message(self, worker: _Worker, batch: list[Task], message: bytes) -> None:
+    def _send_message(self, worker: _Worker, batch: Batch, message: bytes) -> None:
         worker.held = None
         try:
             worker.tasks.send_bytes(message)
         except OSError:
             worker.gone = True  # its sentinel reaps it
-            self._requeued.extendleft(reversed(batch))  # it never got there
+            self._requeued.appendleft(batch)  # it never got there
             return
         idle = not worker.inflight
-        worker.inflight.extend(batch)
+        worker.inflight.append(batch)
         if idle:
             self._started(worker, time.time())
 
@@ -709,18 +744,19 @@ class TargetPool:
         """Nothing can run: every waiting task fails now rather than wait forever."""
         self._take_commands()  # feeds sent before the manager stopped accepting them
         for worker in self._workers:
-            self._requeued.extend(self._unhold(worker))
+            self._requeued.extend(self._unsent(worker, running_too=True))
         while batch := self._next_batch(MAX_BATCH):
-            for task in batch:
-                self._fail(task, self._unrunnable(task))
+            self._fail(batch, self._unrunnable)
 
-    def _unrunnable(self, task: Task) -> TargetError:
+    def _unrunnable(self, target: str) -> TargetError:
         error, reason = self._broken or (EngineBrokenError, "it is shut down")
-        return error(task.target, reason)
+        return error(target, reason)
 
-    def _fail(self, task: Task, error: TargetError) -> None:
-        outcome = Outcome.failure(error)
-        self._deliver_safely(task.owner, [(task.index, task.target, *outcome, task.attempt)])
+    def _fail(self, batch: Batch, error: Callable[[str], TargetError]) -> None:
+        """Every task of `batch` fails, with the error `error(target)`."""
+        self._deliver_safely(batch.owner, [
+            (index, target, *Outcome.failure(error(target)), batch.attempt)
+            for index, target in zip(batch.indices, batch.targets, strict=True)])
 
     def _deliver_safely(self, owner: Owner, reports: list[Report]) -> None:
         try:
@@ -730,7 +766,7 @@ class TargetPool:
             logger.critical("engine failed to record results of %s", names, exc_info=True)
 
 
-def _failure(body: memoryview, started: float, finished: float, pid: int | None) -> Outcome:
+def _failure(body: bytes, started: float, finished: float, pid: int | None) -> Outcome:
     """A target's own exception, unpickled in the caller (as text if it won't load here)."""
     text = ""
     try:

@@ -7,15 +7,17 @@ cloudpickle and tblib only once needed. It owns two pipes and a journal, created
                      pickle(Batch message, see `run_batch`)   run these, in order
     worker -> pool   CONTROL + pickle((READY, pid))           once, when ready to serve
                      CONTROL + pickle((START_FAILED, tb))     instead, then it exits
-                     OUTCOMES + entries                       outcomes, in the order they ran
-                     LARGE + entry header + pickle((raw, sizes))   a large response, in the spill
+                     journal entries (`engine._journal`)      outcomes, in the order they ran
+                     LARGE + pickle((task id, status, started, finished, raw, sizes))
+                                                              a large response, in the spill
     pool -> acks     one byte                                  the spill was read: reuse it
 
 Each outcome is committed to the journal as soon as it exists; the journal is sent when the batch
 is done, when it is full, when the targets have a time limit (the pool then knows when the next
 one started) and at least every `FLUSH_INTERVAL`. A worker that dies mid-batch therefore loses no
-finished outcome: the pool reads its journal. Bodies are pickled one by one, so a response or an
-exception that fails to (un)pickle fails only its own target.
+finished outcome: the pool reads its journal. A response of a builtin scalar type is an entry's
+value itself; any other response and each exception is pickled on its own, into bytes that are
+the entry's value, so one that fails to (un)pickle fails only its own target.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 from ._context import _current
 from ._exceptions import RemoteError, SerializationError
-from ._journal import ENTRY, Journal
+from ._journal import Journal
 from ._pipe import Pipe
 
 CONTROL = b"C"  #: the first byte of a READY or START_FAILED message
@@ -40,7 +42,9 @@ LARGE = b"L"  #: the first byte of the header of a response written to the spill
 LARGE_BYTES = 256 << 10  #: a response this big goes through the spill file, not the journal
 READY = -1
 START_FAILED = -2
-FAILED, OK, UNLOADED = 0, 1, 2  #: entry statuses; UNLOADED: its batch did not unpickle, not run
+#: Entry statuses. OK: the value is the response; PICKLED: the value is its pickle; FAILED: the
+#: value is the pickled failure; UNLOADED: its batch did not unpickle, it did not run.
+FAILED, OK, UNLOADED, PICKLED = 0, 1, 2, 3
 FLUSH_INTERVAL = 0.001  #: seconds a finished outcome may wait for the rest of its batch
 _FUNCTION_CACHE_SIZE = 256
 _PARENT_CHECK_INTERVAL = 0.5
@@ -106,12 +110,14 @@ class _Reporter:
         self._spill, self._acks, self._spilled = spill, acks, False
 
     def report(self, task_id: int, status: int, started: float, finished: float,
-               body: bytes) -> None:
-        if self.journal.append(task_id, status, started, finished, body):
+               value: Any) -> None:
+        if self.journal.append(task_id, status, started, finished, value):
             return
         self.flush()
-        if not self.journal.append(task_id, status, started, finished, body):
-            self.spill(task_id, started, finished, False, [body], status)
+        if not self.journal.append(task_id, status, started, finished, value):
+            if status == OK:  # a huge str: its pickle, read as any spilled response
+                value = pickle.dumps(value, _PROTOCOL)
+            self.spill(task_id, started, finished, False, [value], status)
 
     def spill(self, task_id: int, started: float, finished: float, raw: bool,
               parts: list[Any], status: int = OK) -> None:
@@ -126,8 +132,8 @@ class _Reporter:
             while view:
                 written = os.pwrite(self._spill, view, offset)
                 view, offset = view[written:], offset + written
-        header = ENTRY.pack(task_id, 0, status, started, finished)
-        self._outcomes.send_bytes(LARGE + header + pickle.dumps((raw, sizes)))
+        self._outcomes.send_bytes(LARGE + pickle.dumps((task_id, status, started, finished,
+                                                        raw, sizes)))
         self._spilled = True
 
     def flush(self) -> None:
@@ -138,31 +144,36 @@ class _Reporter:
 
 
 def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Reporter) -> None:
-    """Run one batch: ``(prefix, flush_each, fn_blobs, items, requests)``.
+    """Run one batch: ``(prefix, flush_each, fn_blobs, first_id, positions, names, indices,
+    requests)``, columns of its tasks (see `engine._pool.Batch`).
 
-    `prefix` is (channel, cid, source) of the invocation; `items` are (task id, position of the
-    function in `fn_blobs`, target name, index); `requests` is one pickle of their requests.
+    `prefix` is (channel, cid, source) of the invocation; task `k` is reported as
+    ``first_id + k``; `requests` is one pickle of all the requests.
     """
-    prefix, flush_each, fn_blobs, items, requests_blob = batch
+    prefix, flush_each, fn_blobs, first_id, positions, names, indices, requests_blob = batch
+    task_ids = range(first_id, first_id + len(names))
     try:
         requests = pickle.loads(requests_blob)
     except BaseException as exc:
-        if len(items) > 1:  # the pool sends them again one by one, to find the culprit
-            for task_id, *_ in items:
+        if len(names) > 1:  # the pool sends them again one by one, to find the culprit
+            for task_id in task_ids:
                 moment = time.time()
                 reporter.report(task_id, UNLOADED, moment, moment, b"")
             reporter.flush()
             return
-        error = SerializationError(items[0][2], "request", f"unpickling in the worker failed: "
-                                                           f"{type(exc).__name__}: {exc}")
+        error = SerializationError(names[0], "request", f"unpickling in the worker failed: "
+                                                        f"{type(exc).__name__}: {exc}")
         moment = time.time()
-        reporter.report(items[0][0], FAILED, moment, moment, _failure(error))
+        reporter.report(first_id, FAILED, moment, moment, _failure(error))
         reporter.flush()
         return
-    fns = [_function(blob, items, position, functions) for position, blob in enumerate(fn_blobs)]
+    fns: list[Any] = [None] * len(fn_blobs)
+    for position in set(positions):  # a part of a batch may not use all of its functions
+        fns[position] = _function(fn_blobs[position], names[positions.index(position)], functions)
     now, set_context, reset_context = time.time, _current.set, _current.reset
     journal_append, last_flush = reporter.journal.append, now()
-    for (task_id, position, name, index), request in zip(items, requests, strict=True):
+    for task_id, position, name, index, request in zip(task_ids, positions, names, indices,
+                                                       requests, strict=True):
         started = now()
         token = set_context((*prefix, name, index))
         try:
@@ -173,31 +184,32 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
         else:
             finished = now()
             reset_context(token)
-            try:
-                body = pickle.dumps(response, _PROTOCOL) if type(response) in _PLAIN \
-                    else _dumps(response)
-            except BaseException as exc:
-                error = SerializationError(name, "response", f"{type(exc).__name__}: {exc}")
-                reporter.report(task_id, FAILED, started, finished, _failure(error))
+            if type(response) in _PLAIN:
+                if not journal_append(task_id, OK, started, finished, response):
+                    reporter.report(task_id, OK, started, finished, response)
             else:
-                if not isinstance(body, bytes):
-                    reporter.spill(task_id, started, finished, type(response) is bytes, body)
-                elif not journal_append(task_id, OK, started, finished, body):
-                    reporter.report(task_id, OK, started, finished, body)
+                try:
+                    body = _dumps(response)
+                except BaseException as exc:
+                    error = SerializationError(name, "response", f"{type(exc).__name__}: {exc}")
+                    reporter.report(task_id, FAILED, started, finished, _failure(error))
+                else:
+                    if isinstance(body, bytes):
+                        reporter.report(task_id, PICKLED, started, finished, body)
+                    else:
+                        reporter.spill(task_id, started, finished, type(response) is bytes, body)
         if flush_each or now() - last_flush >= FLUSH_INTERVAL:
             reporter.flush()
             last_flush = now()
     reporter.flush()
 
 
-def _function(blob: bytes, items: list[Any], position: int,
-              functions: dict[bytes, Any]) -> Callable[[Any], Any]:
+def _function(blob: bytes, name: str, functions: dict[bytes, Any]) -> Callable[[Any], Any]:
     """The unpickled function (cached), or one that raises why it would not unpickle."""
     fn = functions.get(blob)
     if fn is None:
         if len(functions) >= _FUNCTION_CACHE_SIZE:
             functions.clear()
-        name = next(item[2] for item in items if item[1] == position)
         try:
             fn = pickle.loads(blob)
         except BaseException as exc:
@@ -240,7 +252,8 @@ def _dumps(value: Any) -> bytes | list[Any]:
     return [body, *buffers] if buffers or len(body) >= LARGE_BYTES else body
 
 
-_PLAIN = {type(None), bool, int, float, complex, str}  #: no buffers, no cloudpickle: quick
+#: Responses that are entries' values as they are: builtin scalars, which unpickle anywhere.
+_PLAIN = {type(None), bool, int, float, complex, str}
 
 
 def _own(exc: BaseException) -> BaseException:

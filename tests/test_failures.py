@@ -100,6 +100,17 @@ def test_an_unpicklable_function_fails_its_target() -> None:
     assert isinstance(result.exception, SerializationError) and result.exception.what == "function"
 
 
+def test_targets_after_unpicklable_functions_still_run(engine: Engine) -> None:
+    """The first batch holds only targets that fail before running: the input is read on (this
+    hung once: an empty batch was taken for the end of the input)."""
+    lock = threading.Lock()
+    cid = engine.invoke([(lambda _: lock.locked(), None)] * 3 + [(targets.double, i)
+                                                                 for i in range(40)])
+    results = engine.wait(cid, timeout=30)
+    assert all(isinstance(r.exception, SerializationError) for r in results[:3])
+    assert [r.response for r in results[3:]] == [2 * i for i in range(40)]
+
+
 def test_an_unpicklable_exception_comes_back_as_remote_error(engine: Engine) -> None:
     (result,) = engine.wait(engine.invoke([(targets.raise_unpicklable, "held")]), timeout=30)
     error = result.exception
