@@ -25,7 +25,7 @@ from ._context import Channel
 from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledError
 from ._invocation import Invocation, NamedCallback, Phase
 from ._names import Registry
-from ._pool import Limits, Owner, Report, TargetPool
+from ._pool import Limits, Owner, TargetPool
 from ._result import Result
 
 logger = logging.getLogger("engine")
@@ -283,8 +283,8 @@ class Engine:
             callbacks = [callbacks]
         return [self._registry.resolve(callback, "callback") for callback in callbacks]
 
-    def _deliver(self, owner: Owner, reports: list[Report]) -> None:
-        cast(Invocation, owner).record_all(reports)
+    def _deliver(self, owner: Owner, results: list[Result]) -> None:
+        cast(Invocation, owner).record_all(results)
 
     def _retire(self, invocation: Invocation) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import operator
 import pickle
 import threading
 import time
@@ -17,12 +18,12 @@ from ._callbacks import Callback, CallbackPool
 from ._context import CallContext, Channel
 from ._exceptions import SerializationError, TargetCancelledError
 from ._names import Registry
-from ._pool import Batch, Report
+from ._pool import Batch
 from ._result import Outcome, Result, utc_timestamp
 
 logger = logging.getLogger("engine")
 _NOTHING = object()
-_new_result = tuple.__new__  # a Result without the checks of its __new__: one per target
+_BY_INDEX = operator.itemgetter(2)  # a Result's index
 
 NamedCallback = tuple[str, Callback]
 
@@ -69,7 +70,6 @@ class Invocation:
         self.total = total  # None until a lazy iterator is exhausted
         self._checked = total is not None  # items are pairs of a list: the fast path can take them
         self.keep_results = keep_results
-        self.results: dict[int, Result] = {}  # empty unless keep_results
         self.completed: list[Result] = []  # completion order; empty unless keep_results
         self._recorded = bytearray()  # 1 at each index that has its result: 1 byte a target
         self._count = 0
@@ -113,7 +113,7 @@ class Invocation:
             return self._batch([(index, *pair) for index, pair in enumerate(pairs, start)])
         name, blob = self.resolve(first)
         if isinstance(blob, BaseException):
-            self.record_all([(index, name, *Outcome.failure(blob), 1)
+            self.record_all([Result.of(self, index, name, Outcome.failure(blob))
                              for index in range(start, start + count)])
             return None
         return Batch(self, range(start, start + count), [name] * count, [blob], [0] * count,
@@ -208,53 +208,59 @@ class Invocation:
 
     def record(self, index: int, target: str, outcome: Outcome, attempts: int = 1) -> None:
         """Record a target's only result and queue its callbacks; never waits on them."""
-        self.record_all([(index, target, *outcome, attempts)])
+        self.record_all([Result.of(self, index, target, outcome, attempts)])
 
-    def record_all(self, reports: Sequence[Report]) -> None:
-        """Record the results of a batch (see `Report`) under one lock, and queue callbacks."""
-        req_ts, cid = self.req_ts, self.cid
-        results = [_new_result(Result, (cid, target, index, ok, value if ok else None,
-                                        None if ok else value, traceback, req_ts, finished,
-                                        started, pid, attempts))
-                   for index, target, ok, value, traceback, started, finished, pid, attempts
-                   in reports]
-        payloads: list[dict[str, Any]] = []
-        if self.on_target or self.on_final:
-            with_attempts = self.retries > 0
-            payloads = [result.payload(self.source, with_attempts) for result in results]
+    def record_all(self, results: list[Result]) -> None:
+        """Record the results of a batch under one lock, and queue their callbacks."""
         recorded = self._recorded
         with self._cond:
-            fresh = []
-            for position, result in enumerate(results):
-                index = result.index
+            for position, result in enumerate(results):  # the common case, quickly
+                index = result[2]
                 if index >= len(recorded):
                     recorded.extend(bytes(max(index + 1 - len(recorded), len(recorded))))
                 elif recorded[index]:
-                    logger.error("engine got a second result for target %d of cid %s; ignored",
-                                 index, cid)
-                    continue
+                    results = results[:position] + self._fresh(results[position:])
+                    break
                 recorded[index] = 1
-                fresh.append(position)
-            self._count += len(fresh)
+            self._count += len(results)
             if self.keep_results:
-                for position in fresh:
-                    self.results[results[position].index] = results[position]
-                    self.completed.append(results[position])
-            if self.on_final and payloads:
-                self._data.extend(payloads[position] for position in fresh)
-            self._pending_callbacks += len(self.on_target) * len(fresh)
+                self.completed.extend(results)
+            payloads: list[dict[str, Any]] = []
+            if self.on_target or self.on_final:
+                with_attempts = self.retries > 0
+                payloads = [result.payload(self.source, with_attempts) for result in results]
+            if self.on_final:
+                self._data.extend(payloads)
+            self._pending_callbacks += len(self.on_target) * len(results)
             all_done = self._all_targets_done()
             self._cond.notify_all()
-        if self.on_target and payloads:
+        if self.on_target:
             channel = _CHANNELS[self.channel][0].value
             shared = len(self.on_target) + bool(self.on_final) > 1  # each gets its own copy
             self._callbacks.submit([
-                (fn, name, dict(payloads[position]) if shared else payloads[position],
-                 (channel, cid, self.source, results[position].target, results[position].index),
+                (fn, name, dict(payload) if shared else payload,
+                 (channel, self.cid, self.source, result.target, result.index),
                  self._callback_done)
-                for position in fresh for name, fn in self.on_target])
+                for result, payload in zip(results, payloads, strict=True)
+                for name, fn in self.on_target])
         if all_done:
             self._finish_targets()
+
+    def _fresh(self, results: list[Result]) -> list[Result]:
+        """Under `_cond`: mark `results` recorded, but drop (and log) any of a target that has
+        its result already: that would be a bug of the engine."""
+        recorded, fresh = self._recorded, []
+        for result in results:
+            index = result[2]
+            if index >= len(recorded):
+                recorded.extend(bytes(max(index + 1 - len(recorded), len(recorded))))
+            elif recorded[index]:
+                logger.error("engine got a second result for target %d of cid %s; ignored",
+                             index, self.cid)
+                continue
+            recorded[index] = 1
+            fresh.append(result)
+        return fresh
 
     def _set_total(self, total: int) -> None:
         with self._cond:
@@ -311,7 +317,7 @@ class Invocation:
     def collect(self) -> dict[Any, Result] | list[Result]:
         """``{target: Result}`` for a mapping, else one Result per pair in the order given."""
         with self._cond:
-            ordered = [self.results[i] for i in range(len(self.results))]
+            ordered = sorted(self.completed, key=_BY_INDEX)
         if self._keys is not None:
             return dict(zip(self._keys, ordered, strict=True)) if self.keep_results else {}
         return ordered

@@ -5,13 +5,15 @@ small targets fast. Outcomes not yet sent must not die with the worker, so each 
 here the moment it exists (a memory copy, no system call), and the journal's bytes are what is
 sent. If the worker dies mid-batch, the pool reads the outcomes from the journal instead.
 
-The entries are one pickle stream, so that the pool reads a whole batch with one `pickle.loads`:
-after an 8-byte header holding the end of the committed entries come ``PROTO 3`` and ``MARK``,
-then each entry, the pickle of the tuple ``(task id, status, started, finished, value)`` without
-its final ``STOP``; the reader closes the list (``LIST``, ``STOP``). Protocol 3 names its memo
-slots explicitly (4 and later number them implicitly), so pickles made one by one concatenate:
-each entry's references are to slots it set itself. The header is updated only after an entry
-is complete, so a reader never sees half an entry.
+The entries are one pickle stream, so that the pool reads a whole batch with one `pickle.loads`
+into one flat list, five items an entry (no object per entry for the garbage collector): after
+an 8-byte header holding the end of the committed entries come ``PROTO 3`` and ``MARK``, then
+the entries, each the opcodes of its items ``task id, status, started, finished, value`` (the
+pickle of that tuple without its ``PROTO``, ``MARK``, ``TUPLE``, memo put and ``STOP``); the
+reader closes the list (``LIST``, ``STOP``). Protocol 3 names its memo slots explicitly (4 and
+later number them implicitly), so pickles made one by one concatenate: each entry's references
+are to slots it set itself. The header is updated only after an entry is complete, so a reader
+never sees half an entry.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import mmap
 import os
 import pickle
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 OUTCOMES = b"\x80\x03("  #: the start of every message of entries: PROTO 3, MARK
@@ -63,10 +66,11 @@ class Journal:
         """Commit one entry; False if it does not fit in what is left. `value` must be of a
         builtin type that any interpreter unpickles (the pool reads a batch at once)."""
         entry = pickle.dumps((task_id, status, started, finished, value), 3)
-        end = self._end + len(entry) - 1  # without STOP; its PROTO is harmless mid-stream
-        if end + 1 > self.size:
+        assert entry[-4:-2] == b"tq", "not the pickle of a tuple of builtin scalars"
+        end = self._end + len(entry) - 7
+        if end > self.size:
             return False
-        self._map[self._end:end + 1] = entry
+        self._map[self._end:end] = entry[3:-4]
         _HEADER.pack_into(self._map, 0, end)
         self._end = end
         return True
@@ -91,7 +95,7 @@ class Journal:
         os.close(self.fd)
 
 
-def entries(message: bytes | bytearray) -> list[Entry]:
+def entries(message: bytes | bytearray) -> Iterator[Entry]:
     """The entries of an `OUTCOMES` message (or of a journal's committed part), in order."""
-    entries: list[Entry] = pickle.loads(message + _END)
-    return entries
+    items = iter(pickle.loads(message + _END))
+    return zip(items, items, items, items, items, strict=True)  # reuses its tuple if not kept

@@ -66,8 +66,8 @@ from ._exceptions import (
 )
 from ._journal import OUTCOMES, Entry, entries
 from ._process import WorkerProcess
-from ._result import Outcome
-from ._worker import LARGE, OK, PICKLED, START_FAILED, UNLOADED
+from ._result import Outcome, Result
+from ._worker import FAILED, LARGE, OK, START_FAILED, UNLOADED
 
 LOADED = -3  #: a status of the pool's own: a large response, already read from the spill file
 
@@ -129,6 +129,8 @@ class Limits:
 class Owner(Protocol):
     """The invocation a task belongs to: what the pool reads of it, and its source of tasks."""
 
+    cid: str
+    req_ts: float  #: epoch seconds when it was issued
     cancelled: bool
     timeout: float | None
     retries: int  #: further attempts allowed after a crash or a timeout
@@ -141,8 +143,8 @@ class Owner(Protocol):
 
 
 # (index, target name, ok, value, traceback, started, finished, pid, attempts): see `Outcome`
-Report = tuple[int, str, bool, Any, str | None, float | None, float, int | None, int]
-Deliver = Callable[[Owner, list[Report]], None]  #: an owner's results, in the order they ran
+Deliver = Callable[[Owner, list[Result]], None]  #: an owner's results, in the order they ran
+_new_result = tuple.__new__  # a Result without the checks of its __new__: one per target
 
 
 class _Worker:
@@ -414,62 +416,74 @@ class TargetPool:
     def _take_outcomes(self, worker: _Worker, outcomes: Iterable[Entry]) -> None:
         """Deliver what a worker reports, in the order it ran them; skip what was delivered."""
         inflight, pid = worker.inflight, worker.pid
-        reports: list[Report] = []
+        results: list[Result] = []
         resend: list[Batch] = []
         busy, count = 0.0, 0
         owner: Owner | None = None
+        batch: Batch | None = None
+        first = size = 0
         for task_id, status, started, finished, body in outcomes:
-            if not inflight:
-                break
-            batch = inflight[0]
-            k = task_id - batch.first_id
+            k = task_id - first
+            if batch is None or k >= size:  # the next batch (this one's tasks are all in)
+                if not inflight:
+                    break
+                batch = inflight[0]
+                first, size = batch.first_id, len(batch.requests)
+                indices, targets, attempt = batch.indices, batch.targets, batch.attempt
+                if batch.owner is not owner:
+                    if owner is not None and results:
+                        self._deliver_safely(owner, results)
+                        results = []
+                    owner = batch.owner
+                    cid, req_ts = owner.cid, owner.req_ts
+                k = task_id - first
             if k < batch.done:
                 continue  # read again from the journal after it was sent
             assert k == batch.done, "a worker reported outcomes out of order"
-            batch.done += 1
-            if batch.done == len(batch):
+            batch.done = k + 1
+            if k + 1 == size:
                 inflight.popleft()
+            if status == OK:
+                busy, count = busy + finished - started, count + 1
+                results.append(_new_result(Result, (cid, targets[k], indices[k], True, body, None,
+                                                    None, req_ts, finished, started, pid, attempt)))
+                continue
             if status == UNLOADED:
                 resend.append(batch.part(k, k + 1))
                 continue
-            if batch.owner is not owner:
-                if owner is not None and reports:
-                    self._deliver_safely(owner, reports)
-                    reports = []
-                owner = batch.owner
             busy, count = busy + finished - started, count + 1
-            index, target = batch.indices[k], batch.targets[k]
-            if status == OK:
-                reports.append((index, target, True, body, None, started, finished, pid,
-                                batch.attempt))
-                continue
-            if status == PICKLED or status == LOADED:
-                try:
-                    if status == LOADED:
-                        loaded, value = cast(tuple[bool, Any], body)
-                        if not loaded:
-                            raise cast(BaseException, value)
-                    else:
-                        value = pickle.loads(body)
-                    reports.append((index, target, True, value, None, started, finished, pid,
-                                    batch.attempt))
-                    continue
-                except BaseException as exc:
-                    detail = f"unpickling in the caller failed: {type(exc).__name__}: {exc}"
-                    outcome = Outcome.failure(SerializationError(target, "response", detail),
-                                              started=started, finished=finished, pid=pid)
-            else:
-                outcome = _failure(body, started, finished, pid)
-                if isinstance(outcome.value, owner.retry_on) and self._retry(batch, k):
-                    continue
-            reports.append((index, target, *outcome, batch.attempt))
+            outcome = self._unusual_outcome(batch, k, status, started, finished, body, pid)
+            if outcome is not None:
+                results.append(Result.of(owner, indices[k], targets[k], outcome, attempt))
         worker.tasks_run += count + len(resend)
-        if owner is not None and reports:
-            self._deliver_safely(owner, reports)
+        if owner is not None and results:
+            self._deliver_safely(owner, results)
         self._requeued.extendleft(reversed(resend))
         worker.deadline = None
-        if owner is not None:
+        if owner is not None and count:
             self._paces.setdefault(owner, _Pace()).ran(busy / count, count)
+
+    def _unusual_outcome(self, batch: Batch, k: int, status: int, started: float,
+                         finished: float, body: Any, pid: int | None) -> Outcome | None:
+        """The outcome of task `k` whose entry is not a plain response; None if it is retried."""
+        target = batch.targets[k]
+        if status == FAILED:
+            outcome = _failure(body, started, finished, pid)
+            if isinstance(outcome.value, batch.owner.retry_on) and self._retry(batch, k):
+                return None
+            return outcome
+        try:
+            if status == LOADED:
+                loaded, value = cast(tuple[bool, Any], body)
+                if not loaded:
+                    raise cast(BaseException, value)
+            else:
+                value = pickle.loads(body)
+            return Outcome(True, value, None, started, finished, pid)
+        except BaseException as exc:
+            detail = f"unpickling in the caller failed: {type(exc).__name__}: {exc}"
+            return Outcome.failure(SerializationError(target, "response", detail),
+                                   started=started, finished=finished, pid=pid)
 
     def _retry(self, batch: Batch, k: int) -> bool:
         """Queue another attempt of task `k` of `batch` (first in line, on its own: it may be
@@ -549,8 +563,8 @@ class TargetPool:
         if isinstance(reason, (WorkerCrashedError, TargetTimeoutError)) and self._retry(batch, k):
             return
         outcome = Outcome.failure(reason, started=worker.head_since, pid=worker.pid)
-        self._deliver_safely(batch.owner, [(batch.indices[k], batch.targets[k], *outcome,
-                                            batch.attempt)])
+        self._deliver_safely(batch.owner, [Result.of(batch.owner, batch.indices[k],
+                                                     batch.targets[k], outcome, batch.attempt)])
 
     def _expire(self) -> None:
         """Kill the workers whose target is past its deadline or over the memory limit."""
@@ -755,14 +769,14 @@ class TargetPool:
     def _fail(self, batch: Batch, error: Callable[[str], TargetError]) -> None:
         """Every task of `batch` fails, with the error `error(target)`."""
         self._deliver_safely(batch.owner, [
-            (index, target, *Outcome.failure(error(target)), batch.attempt)
+            Result.of(batch.owner, index, target, Outcome.failure(error(target)), batch.attempt)
             for index, target in zip(batch.indices, batch.targets, strict=True)])
 
-    def _deliver_safely(self, owner: Owner, reports: list[Report]) -> None:
+    def _deliver_safely(self, owner: Owner, results: list[Result]) -> None:
         try:
-            self._deliver(owner, reports)
+            self._deliver(owner, results)
         except BaseException:
-            names = sorted({report[1] for report in reports})
+            names = sorted({result.target for result in results})
             logger.critical("engine failed to record results of %s", names, exc_info=True)
 
 

@@ -61,6 +61,14 @@ class Result(NamedTuple):
     pid: int | None  #: the worker process that ran the target
     attempts: int = 1  #: how many times it ran: more than 1 only with retries
 
+    @classmethod
+    def of(cls, invocation: Any, index: int, target: str, outcome: Outcome,
+           attempts: int = 1) -> Result:
+        """The result of target `index` of `invocation` (its `cid` and `req_ts` are read)."""
+        ok, value, traceback, started, finished, pid = outcome
+        return cls(invocation.cid, target, index, ok, value if ok else None, None if ok else value,
+                   traceback, invocation.req_ts, finished, started, pid, attempts)
+
     @property
     def duration(self) -> float | None:
         """Seconds the target ran in its worker; None if it never started."""
