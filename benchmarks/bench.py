@@ -446,6 +446,7 @@ def dispatch_entries(s: Sizes, chosen: list[type[Contender]]) -> list[Entry]:
         name = "engine" if cls is EngineContender else f"{cls.label}.{cls.submit_name}"
         entries.append((name, functools.partial(dispatch_one_by_one, cls, s)))
         if cls is EngineContender:
+            entries.append(("engine, wait", functools.partial(dispatch_map, cls, s, 0)))
             continue
         for chunksize in (1, 100) if cls.chunked_map else (1,):
             suffix = f"(chunksize={chunksize})" if cls.chunked_map else ""

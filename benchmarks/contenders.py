@@ -226,6 +226,12 @@ class EngineContender(Contender):
                 yield result.index, result.ok, result.response if result.ok else result.exception
         return PullRun(len(calls), tally, stream)
 
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int) -> Iterable[Any]:
+        """One invocation, its results taken with `wait`: the engine's way to get them all (it
+        batches by itself, so there is no `chunksize`)."""
+        results = self.engine.wait(self.engine.invoke([(fn, item) for item in items]))
+        return (result.result() for result in results)
+
 
 class MpPool(Contender):
     key, label, module = "mp.Pool", "multiprocessing.Pool", "multiprocessing.pool"

@@ -262,7 +262,7 @@ class Engine:
             on_target=callbacks_on_target, on_final=callbacks_on_final,
             callbacks=self._callbacks, retire=self._retire)
         if total is not None:  # bad input fails here, before anything starts
-            for target, _ in items:
+            for target in _distinct(target for target, _ in items):
                 invocation.resolve(target)
         with self._lock:
             if self._state is not EngineState.OPEN:
@@ -339,12 +339,23 @@ def _normalize(targets: Targets) -> tuple[Iterable[Any], int | None, list[Any] |
                         f"(target, request) pairs, not {type(targets).__name__}")
     if isinstance(targets, Collection):
         items = list(targets)
-        for position, item in enumerate(items):
-            if not isinstance(item, tuple) or len(item) != 2:
-                raise TypeError(f"targets[{position}] must be a (target, request) pair, "
-                                f"not {item!r}")
+        if not (all(issubclass(kind, tuple) for kind in set(map(type, items)))
+                and set(map(len, items)) <= {2}):  # checked quickly: in C, not item by item
+            for position, item in enumerate(items):
+                if not isinstance(item, tuple) or len(item) != 2:
+                    raise TypeError(f"targets[{position}] must be a (target, request) pair, "
+                                    f"not {item!r}")
         return items, len(items), None
     return targets, None, None
+
+
+def _distinct(targets: Iterable[Any]) -> Iterable[Any]:
+    """Each target once, if they are hashable (functions are); else all of them."""
+    targets = list(targets)
+    try:
+        return dict.fromkeys(targets)
+    except TypeError:
+        return targets
 
 
 def _check_count(name: str, value: object, minimum: int) -> None:

@@ -21,14 +21,13 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
-import struct
 from collections.abc import Iterator
 from typing import Any
 
 OUTCOMES = b"\x80\x03("  #: the start of every message of entries: PROTO 3, MARK
 _END = b"l."  #: LIST, STOP: what the reader appends
-_HEADER = struct.Struct("<Q")
-_START = _HEADER.size + len(OUTCOMES)
+_HEADER = 8  #: bytes of the header: the end of the committed entries, an unsigned 64-bit int
+_START = _HEADER + len(OUTCOMES)
 Entry = tuple[int, int, float, float, Any]  #: task id, status, started, finished, value
 
 
@@ -38,7 +37,8 @@ class Journal:
     def __init__(self, fd: int, size: int) -> None:
         self.fd, self.size = fd, size
         self._map = mmap.mmap(fd, size)
-        self._map[_HEADER.size:_START] = OUTCOMES
+        self._map[_HEADER:_START] = OUTCOMES
+        self._committed = memoryview(self._map)[:_HEADER].cast("Q")
         self._end = _START
 
     @classmethod
@@ -65,32 +65,31 @@ class Journal:
                value: Any) -> bool:
         """Commit one entry; False if it does not fit in what is left. `value` must be of a
         builtin type that any interpreter unpickles (the pool reads a batch at once)."""
-        entry = pickle.dumps((task_id, status, started, finished, value), 3)
-        assert entry[-4:-2] == b"tq", "not the pickle of a tuple of builtin scalars"
-        end = self._end + len(entry) - 7
+        entry = pickle.dumps((task_id, status, started, finished, value), 3)[3:-4]
+        start = self._end
+        end = start + len(entry)
         if end > self.size:
             return False
-        self._map[self._end:end] = entry[3:-4]
-        _HEADER.pack_into(self._map, 0, end)
+        self._map[start:end] = entry
+        self._committed[0] = end
         self._end = end
         return True
 
     def pending(self) -> memoryview | None:
         """The message to send: every entry committed since the last `clear`."""
-        return memoryview(self._map)[_HEADER.size:self._end] if self._end > _START else None
+        return memoryview(self._map)[_HEADER:self._end] if self._end > _START else None
 
     def clear(self) -> None:
-        self._end = _START
-        _HEADER.pack_into(self._map, 0, _START)
+        self._end = self._committed[0] = _START
 
     # -- the pool's side, once the worker is gone ------------------------------------------------
 
     def committed(self) -> bytes:
         """Every entry the worker committed and had not yet sent (or just sent)."""
-        (end,) = _HEADER.unpack_from(self._map, 0)
-        return self._map[_HEADER.size:min(max(end, _START), self.size)]
+        return self._map[_HEADER:min(max(self._committed[0], _START), self.size)]
 
     def close(self) -> None:
+        self._committed.release()
         self._map.close()
         os.close(self.fd)
 

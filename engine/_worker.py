@@ -179,8 +179,9 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
         try:
             response = fns[position](request)
         except BaseException as exc:
+            finished = now()
             reset_context(token)
-            reporter.report(task_id, FAILED, started, now(), _failure(_own(exc)))
+            reporter.report(task_id, FAILED, started, finished, _failure(_own(exc)))
         else:
             finished = now()
             reset_context(token)
@@ -198,9 +199,9 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
                         reporter.report(task_id, PICKLED, started, finished, body)
                     else:
                         reporter.spill(task_id, started, finished, type(response) is bytes, body)
-        if flush_each or now() - last_flush >= FLUSH_INTERVAL:
+        if flush_each or finished - last_flush >= FLUSH_INTERVAL:
             reporter.flush()
-            last_flush = now()
+            last_flush = finished
     reporter.flush()
 
 

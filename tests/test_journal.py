@@ -1,0 +1,41 @@
+"""The journal's entries are pickles cut to their items and concatenated: they must read back
+as written, for every kind of value a worker puts there."""
+
+from __future__ import annotations
+
+import pickle
+
+from engine._journal import Journal, entries
+
+VALUES = [None, True, False, 0, -1, 255, 2**31, -(2**70), 1.5, float("inf"), 2 - 3j, "", "é" * 300,
+          "x" * 70_000, b"", b"\x00" * 300, pickle.dumps({"any": ["thing"]})]
+
+
+def test_entries_read_back_as_written() -> None:
+    journal = Journal.create(1 << 20)
+    try:
+        written = [(task_id, task_id % 4, 1e9 + task_id, 2e9 + task_id, value)
+                   for task_id, value in enumerate(VALUES * 3)]
+        for entry in written:
+            assert journal.append(*entry)
+        pending = journal.pending()
+        assert pending is not None
+        assert list(entries(bytes(pending))) == written
+        pending.release()
+        assert list(entries(journal.committed())) == written  # what a dead worker leaves
+        journal.clear()
+        assert journal.pending() is None and list(entries(journal.committed())) == []
+    finally:
+        journal.close()
+
+
+def test_a_full_journal_refuses_an_entry_and_keeps_the_others() -> None:
+    journal = Journal.create(4096)
+    try:
+        count = 0
+        while journal.append(count, 1, 0.0, 0.0, "y" * 100):
+            count += 1
+        assert 0 < count < 4096 // 100
+        assert [entry[0] for entry in entries(journal.committed())] == list(range(count))
+    finally:
+        journal.close()
