@@ -9,6 +9,7 @@ import operator
 import pickle
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -31,6 +32,27 @@ _CHANNELS = {  # call channel -> (on-target channel, on-final channel)
     Channel.PARALLEL_EXEC_CALL: (Channel.PARALLEL_EXEC_ON_TARGET, None),
     Channel.FANOUT_CALL: (Channel.FANOUT_ON_TARGET, Channel.FANOUT_ON_FINAL),
 }
+
+
+def pickled_function(fn: Callable[..., Any]) -> bytes:
+    """`fn` pickled for a worker. A function pickled by reference (module and name) is pickled
+    once; any other (a lambda, a closure, one of `__main__`) is pickled by value at each
+    invocation, so that it travels with the globals and closure it has then."""
+    try:
+        return _BY_REFERENCE[fn]
+    except (KeyError, TypeError):
+        pass
+    blob: bytes = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    try:
+        if blob == pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL):
+            _BY_REFERENCE[fn] = blob
+    except Exception:
+        pass  # no reference to it: cloudpickle pickled it by value
+    return blob
+
+
+_BY_REFERENCE: weakref.WeakKeyDictionary[Callable[..., Any], bytes] = \
+    weakref.WeakKeyDictionary()
 
 
 class Phase(enum.Enum):
@@ -180,7 +202,7 @@ class Invocation:
         name, fn = self._registry.resolve(target, "target")
         blob: bytes | SerializationError
         try:
-            blob = cloudpickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+            blob = pickled_function(fn)
         except Exception as exc:
             blob = SerializationError(name, "function", f"{type(exc).__name__}: {exc}")
         try:

@@ -705,7 +705,7 @@ class TargetPool:
     def _send(self, worker: _Worker, batch: Batch) -> None:
         owner = batch.owner
         try:
-            requests = cloudpickle.dumps(batch.requests, protocol=pickle.HIGHEST_PROTOCOL)
+            requests = _pickled_requests(batch.requests)
         except BaseException as exc:
             if len(batch) > 1:  # find the culprit: each is pickled on its own
                 self._requeued.extendleft(reversed(batch.singles()))
@@ -778,6 +778,18 @@ class TargetPool:
         except BaseException:
             names = sorted({result.target for result in results})
             logger.critical("engine failed to record results of %s", names, exc_info=True)
+
+
+def _pickled_requests(requests: list[Any]) -> bytes:
+    """Plain pickle when it will do (quick); cloudpickle for what only it can: lambdas, local
+    functions, and what pickle would name by reference in `__main__`, which a worker lacks."""
+    try:
+        blob = pickle.dumps(requests, protocol=pickle.HIGHEST_PROTOCOL)
+        if b"__main__" not in blob:
+            return blob
+    except Exception:
+        pass
+    return cast(bytes, cloudpickle.dumps(requests, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def _failure(body: bytes, started: float, finished: float, pid: int | None) -> Outcome:

@@ -106,6 +106,35 @@ def test_functions_defined_in_a_scripts_main_work(tmp_path: Path) -> None:
     assert "callback __main__:square 9" in done.stdout
 
 
+def test_main_objects_travel_by_value_with_the_globals_of_the_moment(tmp_path: Path) -> None:
+    """A request of a class of `__main__` (which plain pickle would name, and a worker lacks)
+    arrives, and a `__main__` function sees a global changed between two invocations."""
+    script = tmp_path / "batch.py"
+    script.write_text(textwrap.dedent("""
+        from dataclasses import dataclass
+        from engine import Engine
+
+        FACTOR = 2
+
+        @dataclass
+        class Point:
+            x: int
+
+        def scale(point):
+            return Point(point.x * FACTOR)
+
+        if __name__ == "__main__":
+            with Engine(workers=1) as eng:
+                first = eng.wait(eng.invoke([(scale, Point(3))]), timeout=30)[0].result()
+                FACTOR = 10
+                second = eng.wait(eng.invoke([(scale, Point(3))]), timeout=30)[0].result()
+                print("points", first, second)
+    """))
+    done = run_script(script)
+    assert done.returncode == 0, done.stderr
+    assert "points Point(x=6) Point(x=30)" in done.stdout
+
+
 def test_payload_has_exactly_the_documented_keys(engine: Engine) -> None:
     seen: list[dict] = []
     cid = engine.invoke([(targets.double, 1), (targets.fail, "no")], callbacks=[seen.append],
