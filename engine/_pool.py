@@ -357,7 +357,7 @@ class TargetPool:
             self._selector.register(worker.outcomes, selectors.EVENT_READ, ("outcome", worker))
             self._selector.register(process.sentinel, selectors.EVENT_READ, ("exit", worker))
             self.stats.workers_started += 1
-        self._publish_pids()
+            self._publish_pids()
 
     def _start_failed(self, reason: str, weight: float = 1.0) -> None:
         self.stats.start_failures += 1
@@ -395,6 +395,7 @@ class TargetPool:
             else:
                 worker.pid, worker.ready = detail, True
                 self._consecutive_start_failures = 0.0
+                self._publish_pids()
             return True
         if worker not in self._workers:
             return True  # drained while being reaped
@@ -461,7 +462,7 @@ class TargetPool:
         self._requeued.extendleft(reversed(resend))
         worker.deadline = None
         if owner is not None and count:
-            self._paces.setdefault(owner, _Pace()).ran(busy / count, count)
+            self._pace(owner).ran(busy / count, count)
 
     def _unusual_outcome(self, batch: Batch, k: int, status: int, started: float,
                          finished: float, body: Any, pid: int | None) -> Outcome | None:
@@ -631,6 +632,12 @@ class TargetPool:
 
     # -- dispatch -------------------------------------------------------------------------------
 
+    def _pace(self, owner: Owner) -> _Pace:
+        pace = self._paces.get(owner)
+        if pace is None:
+            pace = self._paces[owner] = _Pace()
+        return pace
+
     def _batch_size(self, owner: Owner) -> int:
         """Targets to send together: about `BATCH_SECONDS` of work; one while it is unknown."""
         pace = self._paces.get(owner)
@@ -713,7 +720,7 @@ class TargetPool:
             why = f"{type(exc).__name__}: {exc}"
             self._fail(batch, lambda target: SerializationError(target, "request", why))
             return
-        self._paces.setdefault(owner, _Pace()).request_bytes = len(requests) / len(batch)
+        self._pace(owner).request_bytes = len(requests) / len(batch)
         if len(requests) > MAX_BATCH_BYTES and len(batch) > 1:
             half = len(batch) // 2  # keep one message's memory bounded
             self._requeued.appendleft(batch.part(half))
