@@ -234,6 +234,10 @@ class Invocation:
 
     def record_all(self, results: list[Result]) -> None:
         """Record the results of a batch under one lock, and queue their callbacks."""
+        payloads: list[dict[str, Any]] = []
+        if self.on_target or self.on_final:
+            with_attempts = self.retries > 0
+            payloads = [result.payload(self.source, with_attempts) for result in results]
         recorded = self._recorded
         with self._cond:
             for position, result in enumerate(results):  # the common case, quickly
@@ -241,16 +245,17 @@ class Invocation:
                 if index >= len(recorded):
                     recorded.extend(bytes(max(index + 1 - len(recorded), len(recorded))))
                 elif recorded[index]:
-                    results = results[:position] + self._fresh(results[position:])
+                    fresh = results[:position] + self._fresh(results[position:])
+                    if payloads:
+                        kept = {id(result) for result in fresh}
+                        payloads = [payload for result, payload
+                                    in zip(results, payloads, strict=True) if id(result) in kept]
+                    results = fresh
                     break
                 recorded[index] = 1
             self._count += len(results)
             if self.keep_results:
                 self.completed.extend(results)
-            payloads: list[dict[str, Any]] = []
-            if self.on_target or self.on_final:
-                with_attempts = self.retries > 0
-                payloads = [result.payload(self.source, with_attempts) for result in results]
             if self.on_final:
                 self._data.extend(payloads)
             self._pending_callbacks += len(self.on_target) * len(results)

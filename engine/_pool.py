@@ -11,7 +11,7 @@
                                   │   each worker's sentinel      ◄─────────── the process exits
                                   │   the nearest target deadline
                                   │ sends a batch to a worker ───────────────► its own task pipe
-                                  └ deliver(owner, reports): record + enqueue callbacks, never waits
+                                  └ deliver(owner, results): record + enqueue callbacks, never waits
 
 Quick targets travel in batches (about `BATCH_SECONDS` of work each, sized from what the
 owner's targets took so far; one at a time until that is known, or when they are slow). A worker
@@ -138,11 +138,9 @@ class Owner(Protocol):
     prefix: tuple[str, str, str]  #: (channel, cid, source) of each target's CallContext
 
     def next_tasks(self, limit: int) -> Batch | None:
-        """Up to `limit` next tasks, pulled only as workers free up; None when there are no more.
-        """
+        """Up to `limit` next tasks, pulled only as workers free up; None once there are none."""
 
 
-# (index, target name, ok, value, traceback, started, finished, pid, attempts): see `Outcome`
 Deliver = Callable[[Owner, list[Result]], None]  #: an owner's results, in the order they ran
 _new_result = tuple.__new__  # a Result without the checks of its __new__: one per target
 
@@ -250,8 +248,7 @@ class TargetPool:
             self._fail(batch, self._unrunnable)
 
     def kill_running(self, owner: Owner, reason: Callable[[str], TargetError]) -> None:
-        """Kill the workers running tasks of `owner`; each such task fails with `reason(target)`.
-        """
+        """Kill the workers running tasks of `owner`; each such task fails with reason(target)."""
         self._command("kill", owner, reason)
 
     def close(self) -> None:

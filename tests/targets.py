@@ -190,13 +190,15 @@ class LoadsNowhere:
 
 
 def large(kind_and_size: tuple[str, int]) -> Any:
-    """A large response of a given kind: "bytes", "bytearray", or "nested" (a dict of bytes)."""
+    """A large response: "bytes", "bytearray", "nested" (a dict of bytes) or "str"."""
     kind, size = kind_and_size
     data = bytes(range(256)) * (size // 256)
     if kind == "bytearray":
         return bytearray(data)
     if kind == "nested":
         return {"parts": [data[: size // 2], data[size // 2:]], "size": size}
+    if kind == "str":  # a builtin scalar: a journal entry's value itself, when it fits there
+        return data.decode("latin-1")
     return data
 
 

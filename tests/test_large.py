@@ -18,7 +18,7 @@ def expected(kind: str) -> object:
     return targets.large((kind, SIZE))
 
 
-@pytest.mark.parametrize("kind", ["bytes", "bytearray", "nested"])
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "nested", "str"])
 def test_large_responses_arrive_whole_and_of_their_type(engine: Engine, kind: str) -> None:
     results = engine.wait(engine.invoke([(targets.large, (kind, SIZE))] * 3), timeout=120)
     want = expected(kind)
