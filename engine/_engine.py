@@ -273,7 +273,7 @@ class Engine:
         if total == 0:
             invocation.next_tasks(1)  # sees the end of the input: fan-in runs at once
         else:
-            self._pool.add_feed(invocation)
+            self._pool.add_feed(invocation, here=total is not None)
         return invocation.cid
 
     def _resolve_callbacks(self, callbacks: Callbacks) -> list[NamedCallback]:

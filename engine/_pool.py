@@ -12,6 +12,7 @@
                                   │   the nearest target deadline
                                   │ sends a batch to a worker ───────────────► its own task pipe
                                   └ deliver(owner, results): record + enqueue callbacks, never waits
+    add_feed of a list, while the manager waits: sends the first batches itself ──► task pipes
 
 Quick targets travel in batches (about `BATCH_SECONDS` of work each, sized from what the
 owner's targets took so far; one at a time until that is known, or when they are slow). A worker
@@ -19,7 +20,9 @@ runs its batch in order and writes each outcome to its journal (`engine._journal
 
 Invariants:
 
-* Only the manager thread touches workers, feeds and the requeue; other threads send commands.
+* Workers, feeds and the requeue are touched under `_lock` only: by the manager thread, and by
+  a caller's thread that adds a feed while the manager waits (it sends the first batches
+  itself, which saves a wake-up). Other calls are commands to the manager.
 * Each worker has its own pipes and journal; ``worker.inflight`` holds the batches sent to it in
   the order it runs them, so the first task without an outcome of its first batch is the one
   running. A death or a timeout is charged to exactly that target: what finished before it is
@@ -232,7 +235,10 @@ class TargetPool:
         # Why no target can run, once that is so: the error to fail each with, and its reason.
         self._broken: tuple[type[WorkerStartError | EngineBrokenError], str] | None = None
         self._accepting = True  # False once the manager thread has exited
-        self._accepting_lock = threading.Lock()
+        self._accepting_lock = threading.RLock()
+        # The pool's state: the manager holds it but while it waits for events; a caller's
+        # thread may take it then, to send its invocation's first batches itself.
+        self._lock = threading.Lock()
         self._next_task_id = 0
         self.stats = PoolStats()
         self.pids: tuple[int, ...] = ()  # the live workers' pids, for observers
@@ -241,11 +247,45 @@ class TargetPool:
 
     # -- the face other threads use: each call is a command to the manager thread --------------
 
-    def add_feed(self, feed: Owner) -> None:
+    def add_feed(self, feed: Owner, *, here: bool = False) -> None:
+        """Run `feed`'s tasks. With `here` (a feed whose pulls run no caller's code: a list),
+        if the manager thread is waiting, not busy, the calling thread sends the feed's first
+        batches to idle workers itself: that saves waking the manager, a quarter of a round
+        trip."""
+        if here and self._lock.acquire(blocking=False):
+            try:
+                if self._accepting and not self._closing and self._broken is None:
+                    self._dispatch_here(feed)
+                    return
+            finally:
+                self._lock.release()
         if self._command("feed", feed):
             return
         while batch := feed.next_tasks(MAX_BATCH):  # the manager is gone: fail, never hang
             self._fail(batch, self._unrunnable)
+
+    def _dispatch_here(self, feed: Owner) -> None:
+        """Under `_lock`, in a caller's thread: add `feed` and dispatch. The manager is woken
+        when it must look again: to time a deadline, or when no running task will wake it."""
+        self._feeds.append(feed)
+        try:
+            for worker in sorted(self._workers, key=_Worker.waiting):
+                room = self._room(worker)
+                if not room or self._requeued:
+                    continue  # what was requeued goes first: the manager sends it
+                batch = feed.next_tasks(min(room, self._batch_size(feed)))
+                if batch is None:
+                    break
+                self._send(worker, batch)
+        except BaseException:  # a bug: the manager fails everything, as for its own
+            logger.critical("engine failed to dispatch; failing every pending target",
+                            exc_info=True)
+            self._broken = (EngineBrokenError, "its dispatch failed (see the log)")
+            self._wake()
+            return
+        if not any(w.inflight for w in self._workers) or self._limits.max_memory_per_worker \
+                or any(w.deadline is not None for w in self._workers):
+            self._wake()
 
     def kill_running(self, owner: Owner, reason: Callable[[str], TargetError]) -> None:
         """Kill the workers running tasks of `owner`; each such task fails with reason(target)."""
@@ -261,40 +301,51 @@ class TargetPool:
 
     def _command(self, *command: Any) -> bool:
         """Queue a command and wake the manager; False if the manager thread has exited."""
-        with self._accepting_lock:  # never write to the wake-up pipe once it may be closed
+        with self._accepting_lock:
             if not self._accepting:
                 return False
             self._commands.put(command)
+            self._wake()
+            return True
+
+    def _wake(self) -> None:
+        with self._accepting_lock:  # never write to the wake-up pipe once it may be closed
+            if not self._accepting:
+                return
             try:
                 os.write(self._wake_w, b"\0")
             except BlockingIOError:
                 pass  # the pipe is full: a wake-up is pending anyway
-            return True
 
     # -- the manager thread -------------------------------------------------------------------
 
     def _run(self) -> None:
         try:
             while True:
-                self._take_commands()
-                self._spawn_missing()
-                self._dispatch()
-                if self._closing and not self._has_work():
-                    break  # checked after dispatch: it may have found the last feed exhausted
-                self._wait_for_events()
-                self._expire()
+                with self._lock:
+                    self._take_commands()
+                    self._spawn_missing()
+                    self._dispatch()
+                    if self._closing and not self._has_work():
+                        break  # checked after dispatch: it may have found the last feed done
+                    timeout = self._select_timeout()
+                ready = self._selector.select(timeout)  # the only time the lock is free
+                with self._lock:
+                    self._handle(ready)
+                    self._expire()
         except BaseException:  # a bug here must not strand any caller: fail loudly instead
             logger.critical("engine manager thread failed; failing every pending target",
                             exc_info=True)
             self._broken = (EngineBrokenError, "its manager thread failed (see the log)")
         finally:
-            with self._accepting_lock:
-                self._accepting = False
-            self._stop_workers()
-            self._fail_everything()  # what was running, queued, or sent after the failure
-            self._selector.close()
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            with self._lock:
+                with self._accepting_lock:
+                    self._accepting = False
+                self._stop_workers()
+                self._fail_everything()  # what was running, queued, or sent after the failure
+                self._selector.close()
+                os.close(self._wake_r)
+                os.close(self._wake_w)
 
     def _has_work(self) -> bool:
         return bool(self._feeds or self._requeued or any(w.inflight for w in self._workers))
@@ -318,12 +369,14 @@ class TargetPool:
             elif kind == "close":
                 self._closing = True
 
-    def _wait_for_events(self) -> None:
+    def _select_timeout(self) -> float | None:
+        """Seconds until the nearest deadline or memory check; None if there is none."""
         deadlines = [w.deadline for w in self._workers if w.deadline is not None]
         if self._limits.max_memory_per_worker is not None and self._has_work():
             deadlines.append(self._next_memory_check)
-        timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-        ready = self._selector.select(timeout)
+        return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+
+    def _handle(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
         exits = []
         for key, _ in ready:
             kind, worker = key.data

@@ -171,14 +171,20 @@ def test_callbacks_see_their_own_copy_of_the_payload(engine: Engine) -> None:
 
 
 def test_the_callback_backlog_and_lag_are_visible_in_the_stats() -> None:
-    slow = Recorder(delay=0.05)
+    gate = threading.Event()
+
+    def held(_: dict) -> None:
+        gate.wait(30)
+
     with Engine(workers=2, callback_workers=1) as eng:
-        cid = eng.invoke([(targets.echo, i) for i in range(20)], callbacks=[slow])
+        cid = eng.invoke([(targets.echo, i) for i in range(20)], callbacks=[held])
         for _ in eng.as_completed(cid, timeout=30):
             pass
-        backlog = eng.stats().callback_backlog  # every result is in; most callbacks are not
+        time.sleep(0.5)  # every result is in; the one callback thread is held by the first
+        backlog = eng.stats().callback_backlog
+        gate.set()
         eng.wait(cid, timeout=30)
         stats = eng.stats()
-    assert backlog >= 10
+    assert backlog == 20  # one running, 19 waiting for the thread
     assert stats.callback_backlog == 0 and stats.callbacks_succeeded == 20
-    assert stats.callback_max_lag >= 0.5  # the last one waited for 19 others of 50 ms
+    assert stats.callback_max_lag >= 0.5  # the last ones waited for the held one

@@ -230,3 +230,37 @@ def test_finished_invocations_are_kept_for_the_configured_history() -> None:
         with pytest.raises(KeyError):
             eng.wait(cids[0])
         assert eng.wait(cids[2]) == {}
+
+
+def test_many_threads_invoking_at_once_each_get_every_result_once(engine: Engine) -> None:
+    """A caller's thread sends its list's first batches itself when the manager is idle: many
+    threads at once (and callbacks that invoke, from the callback pool) race for that."""
+    nested: list[str] = []
+
+    def invoke_again(payload: dict) -> None:
+        if payload["index"] == 0:
+            nested.append(engine.invoke([(targets.double, 21)]))
+
+    errors: list[BaseException] = []
+
+    def caller(seed: int) -> None:
+        try:
+            for round_ in range(15):
+                size = 1 + (seed * 7 + round_) % 12
+                work = [(targets.outcome, "raise" if i % 5 == 4 else "return") for i in range(size)]
+                cid = engine.invoke(work, callbacks=[invoke_again],
+                                    timeout=30 if round_ % 3 == 0 else None)
+                results = engine.wait(cid, timeout=60)
+                assert [r.index for r in results] == list(range(size))
+                assert [r.ok for r in results] == [i % 5 != 4 for i in range(size)]
+        except BaseException as exc:  # reported by the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors, errors[0]
+    assert len(nested) == 8 * 15
+    assert all(engine.wait(cid, timeout=30)[0].response == 42 for cid in nested)
