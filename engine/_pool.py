@@ -269,10 +269,10 @@ class TargetPool:
         when it must look again: to time a deadline, or when no running task will wake it."""
         self._feeds.append(feed)
         try:
-            for worker in sorted(self._workers, key=_Worker.waiting):
-                room = self._room(worker)
-                if not room or self._requeued:
-                    continue  # what was requeued goes first: the manager sends it
+            for worker in [] if self._requeued else sorted(self._workers, key=_Worker.waiting):
+                room = self._room(worker)  # (what was requeued goes first: the manager's)
+                if not room:
+                    continue
                 batch = feed.next_tasks(min(room, self._batch_size(feed)))
                 if batch is None:
                     break
@@ -283,9 +283,9 @@ class TargetPool:
             self._broken = (EngineBrokenError, "its dispatch failed (see the log)")
             self._wake()
             return
-        if not any(w.inflight for w in self._workers) or self._limits.max_memory_per_worker \
-                or any(w.deadline is not None for w in self._workers):
-            self._wake()
+        if feed.timeout is not None or self._limits.max_memory_per_worker \
+                or not any(w.inflight for w in self._workers):
+            self._wake()  # a new deadline to time, memory to watch, or no outcome to wake it
 
     def kill_running(self, owner: Owner, reason: Callable[[str], TargetError]) -> None:
         """Kill the workers running tasks of `owner`; each such task fails with reason(target)."""
