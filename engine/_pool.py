@@ -11,7 +11,8 @@
                                   │   each worker's sentinel      ◄─────────── the process exits
                                   │   the nearest target deadline
                                   │ sends a batch to a worker ───────────────► its own task pipe
-                                  └ deliver(owner, results): record + enqueue callbacks, never waits
+                                  └ then deliver(owner, results), out of the lock: record + enqueue
+                                    callbacks, never waits
     add_feed of a list, while the manager waits: sends the first batches itself ──► task pipes
 
 Quick targets travel in batches (about `BATCH_SECONDS` of work each, sized from what the
@@ -22,7 +23,9 @@ Invariants:
 
 * Workers, feeds and the requeue are touched under `_lock` only: by the manager thread, and by
   a caller's thread that adds a feed while the manager waits (it sends the first batches
-  itself, which saves a wake-up). Other calls are commands to the manager.
+  itself, which saves a wake-up). Other calls are commands to the manager. Results are queued
+  under the lock and delivered once it is released, after the next batches are sent: a caller
+  woken by its result finds the pool free for its next invocation.
 * Each worker has its own pipes and journal; ``worker.inflight`` holds the batches sent to it in
   the order it runs them, so the first task without an outcome of its first batch is the one
   running. A death or a timeout is charged to exactly that target: what finished before it is
@@ -240,6 +243,7 @@ class TargetPool:
         # thread may take it then, to send its invocation's first batches itself.
         self._lock = threading.Lock()
         self._next_task_id = 0
+        self._taken: collections.deque[tuple[Owner, list[Result]]] = collections.deque()
         self.stats = PoolStats()
         self.pids: tuple[int, ...] = ()  # the live workers' pids, for observers
         self._thread = threading.Thread(target=self._run, name="engine-manager", daemon=True)
@@ -254,15 +258,19 @@ class TargetPool:
         trip."""
         if here and self._lock.acquire(blocking=False):
             try:
-                if self._accepting and not self._closing and self._broken is None:
+                dispatched = self._accepting and not self._closing and self._broken is None
+                if dispatched:
                     self._dispatch_here(feed)
-                    return
             finally:
                 self._lock.release()
+            self._deliver_taken()
+            if dispatched:
+                return
         if self._command("feed", feed):
             return
         while batch := feed.next_tasks(MAX_BATCH):  # the manager is gone: fail, never hang
             self._fail(batch, self._unrunnable)
+        self._deliver_taken()
 
     def _dispatch_here(self, feed: Owner) -> None:
         """Under `_lock`, in a caller's thread: add `feed` and dispatch. The manager is woken
@@ -320,19 +328,20 @@ class TargetPool:
     # -- the manager thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        ready: list[tuple[selectors.SelectorKey, int]] = []
         try:
             while True:
                 with self._lock:
+                    self._handle(ready)
+                    self._expire()
                     self._take_commands()
                     self._spawn_missing()
                     self._dispatch()
                     if self._closing and not self._has_work():
                         break  # checked after dispatch: it may have found the last feed done
                     timeout = self._select_timeout()
+                self._deliver_taken()  # workers have their next batches before results land
                 ready = self._selector.select(timeout)  # the only time the lock is free
-                with self._lock:
-                    self._handle(ready)
-                    self._expire()
         except BaseException:  # a bug here must not strand any caller: fail loudly instead
             logger.critical("engine manager thread failed; failing every pending target",
                             exc_info=True)
@@ -346,6 +355,7 @@ class TargetPool:
                 self._selector.close()
                 os.close(self._wake_r)
                 os.close(self._wake_w)
+            self._deliver_taken()
 
     def _has_work(self) -> bool:
         return bool(self._feeds or self._requeued or any(w.inflight for w in self._workers))
@@ -483,7 +493,7 @@ class TargetPool:
                 indices, targets, attempt = batch.indices, batch.targets, batch.attempt
                 if batch.owner is not owner:
                     if owner is not None and results:
-                        self._deliver_safely(owner, results)
+                        self._deliver_later(owner, results)
                         results = []
                     owner = batch.owner
                     cid, req_ts = owner.cid, owner.req_ts
@@ -508,7 +518,7 @@ class TargetPool:
                 results.append(Result.of(owner, indices[k], targets[k], outcome, attempt))
         worker.tasks_run += count + len(resend)
         if owner is not None and results:
-            self._deliver_safely(owner, results)
+            self._deliver_later(owner, results)
         self._requeued.extendleft(reversed(resend))
         worker.deadline = None
         if owner is not None and count:
@@ -614,7 +624,7 @@ class TargetPool:
         if isinstance(reason, (WorkerCrashedError, TargetTimeoutError)) and self._retry(batch, k):
             return
         outcome = Outcome.failure(reason, started=worker.head_since, pid=worker.pid)
-        self._deliver_safely(batch.owner, [Result.of(batch.owner, batch.indices[k],
+        self._deliver_later(batch.owner, [Result.of(batch.owner, batch.indices[k],
                                                      batch.targets[k], outcome, batch.attempt)])
 
     def _expire(self) -> None:
@@ -825,16 +835,24 @@ class TargetPool:
 
     def _fail(self, batch: Batch, error: Callable[[str], TargetError]) -> None:
         """Every task of `batch` fails, with the error `error(target)`."""
-        self._deliver_safely(batch.owner, [
+        self._deliver_later(batch.owner, [
             Result.of(batch.owner, index, target, Outcome.failure(error(target)), batch.attempt)
             for index, target in zip(batch.indices, batch.targets, strict=True)])
 
-    def _deliver_safely(self, owner: Owner, results: list[Result]) -> None:
-        try:
-            self._deliver(owner, results)
-        except BaseException:
-            names = sorted({result.target for result in results})
-            logger.critical("engine failed to record results of %s", names, exc_info=True)
+    def _deliver_later(self, owner: Owner, results: list[Result]) -> None:
+        """Queue results for `_deliver_taken`: whoever holds the lock records them once it has
+        let go of it, so that a caller woken by them finds the pool free."""
+        self._taken.append((owner, results))
+
+    def _deliver_taken(self) -> None:
+        """Record the queued results; any thread, not under the lock (each pop is atomic)."""
+        while self._taken:
+            owner, results = self._taken.popleft()
+            try:
+                self._deliver(owner, results)
+            except BaseException:
+                names = sorted({result.target for result in results})
+                logger.critical("engine failed to record results of %s", names, exc_info=True)
 
 
 def _pickled_requests(requests: list[Any]) -> bytes:
