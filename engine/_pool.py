@@ -244,6 +244,7 @@ class TargetPool:
         self._lock = threading.Lock()
         self._next_task_id = 0
         self._taken: collections.deque[tuple[Owner, list[Result]]] = collections.deque()
+        self._spills_read: list[WorkerProcess] = []  # to release, once their results are in
         self.stats = PoolStats()
         self.pids: tuple[int, ...] = ()  # the live workers' pids, for observers
         self._thread = threading.Thread(target=self._run, name="engine-manager", daemon=True)
@@ -341,6 +342,8 @@ class TargetPool:
                         break  # checked after dispatch: it may have found the last feed done
                     timeout = self._select_timeout()
                 self._deliver_taken()  # workers have their next batches before results land
+                while self._spills_read:  # here only: this thread is the one that closes them
+                    self._spills_read.pop().release_spill()
                 ready = self._selector.select(timeout)  # the only time the lock is free
         except BaseException:  # a bug here must not strand any caller: fail loudly instead
             logger.critical("engine manager thread failed; failing every pending target",
@@ -443,6 +446,8 @@ class TargetPool:
                 value = (True, worker.process.read_spill(raw or status != OK, sizes))
             except BaseException as exc:
                 value = (False, exc)
+            finally:
+                self._spills_read.append(worker.process)
             if status == OK:
                 self._take_outcomes(worker, [(task_id, LOADED, started, finished, value)])
             else:

@@ -63,6 +63,7 @@ class WorkerProcess:
                 if fd is not None:
                     os.close(fd)
         self.pid: int = self._popen.pid
+        self._closed = False
         self.tasks = Pipe(tasks_w)
         #: how many bytes the task pipe holds: what may be sent ahead without blocking
         self.pipe_bytes = _enlarge(tasks_w, 1 << 20)
@@ -88,6 +89,7 @@ class WorkerProcess:
 
     def close(self) -> None:
         """Close the caller's ends; call once it has exited."""
+        self._closed = True
         self.tasks.close()
         self.outcomes.close()
         self.journal.close()
@@ -95,27 +97,31 @@ class WorkerProcess:
             os.close(fd)
 
     def read_spill(self, raw: bool, sizes: list[int]) -> object:
-        """The large response the worker wrote to its spill file: one copy, then the file is
-        emptied and the worker told it may write the next one."""
+        """The large response the worker wrote to its spill file, with one copy. The worker
+        writes no other until `release_spill`."""
+        if raw:
+            return _read(self.spill, sizes[0], 0)
+        body, offset, buffers = _read(self.spill, sizes[0], 0), sizes[0], []
+        for size in sizes[1:]:
+            buffer = bytearray(size)
+            view, done = memoryview(buffer), 0
+            while done < size:
+                count = os.preadv(self.spill, [view[done:]], offset + done)
+                done += count if count else _short()
+            buffers.append(buffer)
+            offset += size
+        return pickle.loads(body, buffers=buffers)
+
+    def release_spill(self) -> None:
+        """Empty the spill file and tell the worker it may write the next response (emptying
+        50 MB takes some milliseconds: the pool does it after delivering the response)."""
+        if self._closed:
+            return
+        os.ftruncate(self.spill, 0)
         try:
-            if raw:
-                return _read(self.spill, sizes[0], 0)
-            body, offset, buffers = _read(self.spill, sizes[0], 0), sizes[0], []
-            for size in sizes[1:]:
-                buffer = bytearray(size)
-                view, done = memoryview(buffer), 0
-                while done < size:
-                    count = os.preadv(self.spill, [view[done:]], offset + done)
-                    done += count if count else _short()
-                buffers.append(buffer)
-                offset += size
-            return pickle.loads(body, buffers=buffers)
-        finally:
-            os.ftruncate(self.spill, 0)
-            try:
-                os.write(self.acks, b"\0")
-            except OSError:
-                pass  # it is gone
+            os.write(self.acks, b"\0")
+        except OSError:
+            pass  # it is gone
 
 
 def _enlarge(fd: int, size: int) -> int:

@@ -27,6 +27,17 @@ def test_large_responses_arrive_whole_and_of_their_type(engine: Engine, kind: st
         assert type(result.response) is type(want) and result.response == want
 
 
+def test_one_worker_sends_large_responses_one_after_another() -> None:
+    """Each waits until the pool has read and released the one before (after delivering it)."""
+    with Engine(workers=1) as engine:
+        kinds = ["bytes", "nested", "bytes", "str"]
+        results = engine.wait(engine.invoke([(targets.large, (kind, SIZE)) for kind in kinds]),
+                              timeout=120)
+        assert ([r.response == expected(kind) for r, kind in zip(results, kinds, strict=True)]
+                == [True] * 4)
+        assert len({r.pid for r in results}) == 1
+
+
 def test_a_large_bytearray_is_writable_in_the_caller(engine: Engine) -> None:
     (result,) = engine.wait(engine.invoke([(targets.large, ("bytearray", SIZE))]), timeout=60)
     result.response[0] = 255
