@@ -26,7 +26,7 @@ from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledEr
 from ._invocation import Invocation, NamedCallback, Phase
 from ._names import Registry
 from ._pool import Limits, Owner, TargetPool
-from ._result import Result
+from ._result import Record, Result
 
 logger = logging.getLogger("engine")
 
@@ -283,8 +283,8 @@ class Engine:
             callbacks = [callbacks]
         return [self._registry.resolve(callback, "callback") for callback in callbacks]
 
-    def _deliver(self, owner: Owner, results: list[Result]) -> None:
-        cast(Invocation, owner).record_all(results)
+    def _deliver(self, owner: Owner, records: list[Record]) -> None:
+        cast(Invocation, owner).record_all(records)
 
     def _retire(self, invocation: Invocation) -> None:
         with self._lock:

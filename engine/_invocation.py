@@ -20,7 +20,7 @@ from ._context import CallContext, Channel
 from ._exceptions import SerializationError, TargetCancelledError
 from ._names import Registry
 from ._pool import Batch
-from ._result import Outcome, Result, utc_timestamp
+from ._result import Outcome, Record, Result, as_results, record, utc_timestamp
 
 logger = logging.getLogger("engine")
 _NOTHING = object()
@@ -92,10 +92,13 @@ class Invocation:
         self.total = total  # None until a lazy iterator is exhausted
         self._checked = total is not None  # items are pairs of a list: the fast path can take them
         self.keep_results = keep_results
-        self.completed: list[Result] = []  # completion order; empty unless keep_results
+        # Records in completion order, a tuple of them per delivery; none unless keep_results.
+        # Tuples of plain values drop out of the garbage collector's view, so that a million
+        # kept results cost its full collections a few thousand visits, not a million.
+        self._chunks: list[tuple[Record, ...]] = []
         self._recorded = bytearray()  # 1 at each index that has its result: 1 byte a target
         self._count = 0
-        self._data: list[dict[str, Any]] = []  # fan-in payloads, completion order
+        self._data: list[tuple[dict[str, Any], ...]] = []  # fan-in payloads, likewise
         self._pending_callbacks = 0
         self.phase = Phase.RUNNING
         self.cancelled = False
@@ -135,7 +138,7 @@ class Invocation:
             return self._batch([(index, *pair) for index, pair in enumerate(pairs, start)])
         name, blob = self.resolve(first)
         if isinstance(blob, BaseException):
-            self.record_all([Result.of(self, index, name, Outcome.failure(blob))
+            self.record_all([record(self, index, name, Outcome.failure(blob))
                              for index in range(start, start + count)])
             return None
         return Batch(self, range(start, start + count), [name] * count, [blob], [0] * count,
@@ -230,35 +233,28 @@ class Invocation:
 
     def record(self, index: int, target: str, outcome: Outcome, attempts: int = 1) -> None:
         """Record a target's only result and queue its callbacks; never waits on them."""
-        self.record_all([Result.of(self, index, target, outcome, attempts)])
+        self.record_all([record(self, index, target, outcome, attempts)])
 
-    def record_all(self, results: list[Result]) -> None:
+    def record_all(self, records: list[Record]) -> None:
         """Record the results of a batch under one lock, and queue their callbacks."""
+        results: list[Result] = []
         payloads: list[dict[str, Any]] = []
         if self.on_target or self.on_final:
             with_attempts = self.retries > 0
+            results = as_results(records)
             payloads = [result.payload(self.source, with_attempts) for result in results]
-        recorded = self._recorded
         with self._cond:
-            for position, result in enumerate(results):  # the common case, quickly
-                index = result[2]
-                if index >= len(recorded):
-                    recorded.extend(bytes(max(index + 1 - len(recorded), len(recorded))))
-                elif recorded[index]:
-                    fresh = results[:position] + self._fresh(results[position:])
-                    if payloads:
-                        kept = {id(result) for result in fresh}
-                        payloads = [payload for result, payload
-                                    in zip(results, payloads, strict=True) if id(result) in kept]
-                    results = fresh
-                    break
-                recorded[index] = 1
-            self._count += len(results)
+            fresh = self._mark_recorded(records)
+            if fresh is not records:
+                kept = set(map(id, fresh))
+                results = [result for result, old in zip(results, records) if id(old) in kept]
+                payloads = [payload for payload, old in zip(payloads, records) if id(old) in kept]
+            self._count += len(fresh)
             if self.keep_results:
-                self.completed.extend(results)
+                self._chunks.append(tuple(fresh))
             if self.on_final:
-                self._data.extend(payloads)
-            self._pending_callbacks += len(self.on_target) * len(results)
+                self._data.append(tuple(payloads))
+            self._pending_callbacks += len(self.on_target) * len(fresh)
             all_done = self._all_targets_done()
             self._cond.notify_all()
         if self.on_target:
@@ -273,12 +269,23 @@ class Invocation:
         if all_done:
             self._finish_targets()
 
-    def _fresh(self, results: list[Result]) -> list[Result]:
-        """Under `_cond`: mark `results` recorded, but drop (and log) any of a target that has
-        its result already: that would be a bug of the engine."""
-        recorded, fresh = self._recorded, []
-        for result in results:
-            index = result[2]
+    def _mark_recorded(self, records: list[Record]) -> list[Record]:
+        """Under `_cond`: mark each record's target as having its result; the records, less any
+        of a target that had its result already (a bug of the engine: logged, dropped). A run of
+        consecutive indices, as a list's batch is, is checked and marked in C."""
+        if not records:
+            return records
+        recorded = self._recorded
+        first, count = records[0][2], len(records)
+        if len(recorded) < first + count:
+            recorded.extend(bytes(max(first + count - len(recorded), len(recorded))))
+        if records[-1][2] == first + count - 1 and recorded.find(1, first, first + count) < 0 \
+                and list(map(_BY_INDEX, records)) == list(range(first, first + count)):
+            recorded[first:first + count] = b"\1" * count
+            return records
+        fresh = []
+        for item in records:
+            index = item[2]
             if index >= len(recorded):
                 recorded.extend(bytes(max(index + 1 - len(recorded), len(recorded))))
             elif recorded[index]:
@@ -286,7 +293,7 @@ class Invocation:
                              index, self.cid)
                 continue
             recorded[index] = 1
-            fresh.append(result)
+            fresh.append(item)
         return fresh
 
     def _set_total(self, total: int) -> None:
@@ -317,7 +324,7 @@ class Invocation:
                 "on_target": [name for name, _ in self.on_target],
                 "on_final": [name for name, _ in self.on_final],
             }
-            self._callbacks.submit([(fn, name, {**payload, "data": list(self._data)}, context,
+            self._callbacks.submit([(fn, name, {**payload, "data": list(itertools.chain.from_iterable(self._data))}, context,
                                      self._callback_done) for name, fn in self.on_final])
         self._callback_done(0)
 
@@ -343,25 +350,31 @@ class Invocation:
 
     def collect(self) -> dict[Any, Result] | list[Result]:
         """``{target: Result}`` for a mapping, else one Result per pair in the order given."""
-        with self._cond:
-            ordered = sorted(self.completed, key=_BY_INDEX)
+        ordered = as_results(sorted(self.records(), key=_BY_INDEX))
         if self._keys is not None:
             return dict(zip(self._keys, ordered, strict=True)) if self.keep_results else {}
         return ordered
 
+    def records(self) -> list[Record]:
+        """What `Result`s are made of, in completion order."""
+        with self._cond:
+            return list(itertools.chain.from_iterable(self._chunks))
+
     def stream(self, timeout: float | None) -> Iterator[Result]:
         deadline = None if timeout is None else time.monotonic() + timeout
-        position = 0
+        position = count = 0  # chunks and results yielded
         while True:
             with self._cond:
-                while position >= len(self.completed):
-                    if self.total is not None and position >= self.total:
+                while position >= len(self._chunks):
+                    if self.total is not None and count >= self.total:
                         return
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
-                        raise TimeoutError(f"invocation {self.cid!r}: {position} of "
+                        raise TimeoutError(f"invocation {self.cid!r}: {count} of "
                                            f"{self.total or '?'} results after {timeout} s")
                     self._cond.wait(remaining)
-                landed = self.completed[position:]  # all that is in: one lock for them
+                landed = self._chunks[position:]  # all that is in: one lock for them
             position += len(landed)
-            yield from landed
+            for chunk in landed:
+                count += len(chunk)
+                yield from as_results(chunk)

@@ -94,7 +94,14 @@ class Journal:
         os.close(self.fd)
 
 
+def read_items(message: bytes | bytearray) -> list[Any]:
+    """The items of an `OUTCOMES` message (or of a journal's committed part): five an entry,
+    ``task id, status, started, finished, value``, in the order they ran."""
+    items: list[Any] = pickle.loads(message + _END)
+    return items
+
+
 def entries(message: bytes | bytearray) -> Iterator[Entry]:
-    """The entries of an `OUTCOMES` message (or of a journal's committed part), in order."""
-    items = iter(pickle.loads(message + _END))
-    return zip(items, items, items, items, items, strict=True)  # reuses its tuple if not kept
+    """The entries of an `OUTCOMES` message, as tuples."""
+    items = iter(read_items(message))
+    return zip(items, items, items, items, items, strict=True)

@@ -45,6 +45,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import math
+import operator
 import os
 import pickle
 import queue
@@ -53,7 +55,8 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
+from itertools import repeat
 from typing import Any, Protocol, cast
 
 import cloudpickle
@@ -70,10 +73,10 @@ from ._exceptions import (
     WorkerStartError,
     describe_exit,
 )
-from ._journal import OUTCOMES, Entry, entries
+from ._journal import OUTCOMES, read_items
 from ._process import WorkerProcess
-from ._result import Outcome, Result
-from ._worker import FAILED, LARGE, OK, START_FAILED, UNLOADED
+from ._result import Outcome, Record, record
+from ._worker import FAILED, LARGE, OK, PICKLED, START_FAILED, UNLOADED
 
 LOADED = -3  #: a status of the pool's own: a large response, already read from the spill file
 
@@ -147,8 +150,7 @@ class Owner(Protocol):
         """Up to `limit` next tasks, pulled only as workers free up; None once there are none."""
 
 
-Deliver = Callable[[Owner, list[Result]], None]  #: an owner's results, in the order they ran
-_new_result = tuple.__new__  # a Result without the checks of its __new__: one per target
+Deliver = Callable[[Owner, list[Record]], None]  #: an owner's results, in the order they ran
 
 
 class _Worker:
@@ -243,7 +245,7 @@ class TargetPool:
         # thread may take it then, to send its invocation's first batches itself.
         self._lock = threading.Lock()
         self._next_task_id = 0
-        self._taken: collections.deque[tuple[Owner, list[Result]]] = collections.deque()
+        self._taken: collections.deque[tuple[Owner, list[Record]]] = collections.deque()
         self._spills_read: list[WorkerProcess] = []  # to release, once their results are in
         self.stats = PoolStats()
         self.pids: tuple[int, ...] = ()  # the live workers' pids, for observers
@@ -438,7 +440,7 @@ class TargetPool:
         except (EOFError, OSError):
             return False
         if message.startswith(OUTCOMES):
-            self._take_outcomes(worker, entries(message))
+            self._take_outcomes(worker, read_items(message))
         elif message[:1] == LARGE:
             task_id, status, started, finished, raw, sizes = pickle.loads(message[1:])
             value: Any
@@ -449,10 +451,10 @@ class TargetPool:
             finally:
                 self._spills_read.append(worker.process)
             if status == OK:
-                self._take_outcomes(worker, [(task_id, LOADED, started, finished, value)])
+                self._take_outcomes(worker, [task_id, LOADED, started, finished, value])
             else:
                 body = value[1] if value[0] else pickle.dumps((b"", repr(value[1])))
-                self._take_outcomes(worker, [(task_id, status, started, finished, body)])
+                self._take_outcomes(worker, [task_id, status, started, finished, body])
         else:
             kind, detail = pickle.loads(message[1:])
             if kind == START_FAILED:
@@ -479,55 +481,78 @@ class TargetPool:
         timeout = worker.inflight[0].owner.timeout
         worker.deadline = None if timeout is None else time.monotonic() + timeout
 
-    def _take_outcomes(self, worker: _Worker, outcomes: Iterable[Entry]) -> None:
-        """Deliver what a worker reports, in the order it ran them; skip what was delivered."""
+    def _take_outcomes(self, worker: _Worker, items: list[Any]) -> None:
+        """Deliver what a worker reports: `items` holds five per outcome (task id, status,
+        started, finished, value), in the order they ran; what was delivered already is skipped.
+
+        A batch's run of responses becomes records in C (columns zipped), with no Python code
+        per target: at a million targets, that code was most of what the caller spent."""
         inflight, pid = worker.inflight, worker.pid
-        results: list[Result] = []
-        resend: list[Batch] = []
-        busy, count = 0.0, 0
-        owner: Owner | None = None
-        batch: Batch | None = None
-        first = size = 0
-        for task_id, status, started, finished, body in outcomes:
-            k = task_id - first
-            if batch is None or k >= size:  # the next batch (this one's tasks are all in)
-                if not inflight:
-                    break
-                batch = inflight[0]
-                first, size = batch.first_id, len(batch.requests)
-                indices, targets, attempt = batch.indices, batch.targets, batch.attempt
-                if batch.owner is not owner:
-                    if owner is not None and results:
-                        self._deliver_later(owner, results)
-                        results = []
-                    owner = batch.owner
-                    cid, req_ts = owner.cid, owner.req_ts
-                k = task_id - first
-            if k < batch.done:
-                continue  # read again from the journal after it was sent
-            assert k == batch.done, "a worker reported outcomes out of order"
-            batch.done = k + 1
-            if k + 1 == size:
+        position, end = 0, len(items)
+        while position < end and inflight:
+            batch = inflight[0]
+            k = items[position] - batch.first_id
+            if k < batch.done:  # read again from the journal after it was sent
+                position += 5 * (min(batch.done - k, (end - position) // 5) if k >= 0 else 1)
+                continue
+            n = min(len(batch) - k, (end - position) // 5)
+            chunk = items[position:position + 5 * n]
+            position += 5 * n
+            assert k == batch.done and chunk[-5] == batch.first_id + k + n - 1, \
+                "a worker reported outcomes out of order"
+            batch.done = k + n
+            if batch.done == len(batch):
                 inflight.popleft()
-            if status == OK:
-                busy, count = busy + finished - started, count + 1
-                results.append(_new_result(Result, (cid, targets[k], indices[k], True, body, None,
-                                                    None, req_ts, finished, started, pid, attempt)))
-                continue
-            if status == UNLOADED:
-                resend.append(batch.part(k, k + 1))
-                continue
-            busy, count = busy + finished - started, count + 1
-            outcome = self._unusual_outcome(batch, k, status, started, finished, body, pid)
-            if outcome is not None:
-                results.append(Result.of(owner, indices[k], targets[k], outcome, attempt))
-        worker.tasks_run += count + len(resend)
-        if owner is not None and results:
-            self._deliver_later(owner, results)
-        self._requeued.extendleft(reversed(resend))
+            records = self._plain_records(batch, k, chunk, pid)
+            if records is None:
+                records = self._records(batch, k, chunk, pid)
+            if records:
+                self._deliver_later(batch.owner, records)
+            busy = math.fsum(map(operator.sub, chunk[3::5], chunk[2::5]))
+            self._pace(batch.owner).ran(busy / n, n)
+            worker.tasks_run += n
         worker.deadline = None
-        if owner is not None and count:
-            self._pace(owner).ran(busy / count, count)
+
+    @staticmethod
+    def _plain_records(batch: Batch, k: int, chunk: list[Any], pid: int | None) \
+            -> list[Record] | None:
+        """The records of `chunk`, outcomes of tasks `k`... of `batch`, if each is a response
+        (as it is, or pickled); None if any is not, or will not unpickle."""
+        statuses, values = chunk[1::5], chunk[4::5]
+        plain = statuses.count(OK)
+        if plain < len(statuses):
+            if plain + statuses.count(PICKLED) < len(statuses):
+                return None
+            try:
+                values = [value if status == OK else pickle.loads(value)
+                          for status, value in zip(statuses, values, strict=True)]
+            except BaseException:
+                return None  # taken one by one: only the culprit fails
+        owner, stop = batch.owner, k + len(statuses)
+        return list(zip(repeat(owner.cid), batch.targets[k:stop], batch.indices[k:stop],
+                        repeat(True), values, repeat(None), repeat(None), repeat(owner.req_ts),
+                        chunk[3::5], chunk[2::5], repeat(pid), repeat(batch.attempt)))
+
+    def _records(self, batch: Batch, k: int, chunk: list[Any], pid: int | None) -> list[Record]:
+        """The records of `chunk`, one by one: failures, retries, spilled responses; a task
+        whose batch did not unpickle in the worker is sent again on its own."""
+        records, resend = [], []
+        for j in range(0, len(chunk), 5):
+            _, status, started, finished, body = chunk[j:j + 5]
+            task = k + j // 5
+            outcome: Outcome | None
+            if status == UNLOADED:
+                resend.append(batch.part(task, task + 1))
+                continue
+            if status == OK:
+                outcome = Outcome(True, body, None, started, finished, pid)
+            else:
+                outcome = self._unusual_outcome(batch, task, status, started, finished, body, pid)
+            if outcome is not None:
+                records.append(record(batch.owner, batch.indices[task], batch.targets[task],
+                                      outcome, batch.attempt))
+        self._requeued.extendleft(reversed(resend))  # first in line
+        return records
 
     def _unusual_outcome(self, batch: Batch, k: int, status: int, started: float,
                          finished: float, body: Any, pid: int | None) -> Outcome | None:
@@ -607,7 +632,7 @@ class TargetPool:
         worker.process.join(_STOP_GRACE)
         self._drain(worker)  # a dead worker's pipe still holds what it sent
         if worker.inflight:
-            self._take_outcomes(worker, entries(worker.journal.committed()))
+            self._take_outcomes(worker, read_items(worker.journal.committed()))
         exitcode = self._release(worker)
         self._publish_pids()
         if not worker.ready:
@@ -629,8 +654,8 @@ class TargetPool:
         if isinstance(reason, (WorkerCrashedError, TargetTimeoutError)) and self._retry(batch, k):
             return
         outcome = Outcome.failure(reason, started=worker.head_since, pid=worker.pid)
-        self._deliver_later(batch.owner, [Result.of(batch.owner, batch.indices[k],
-                                                     batch.targets[k], outcome, batch.attempt)])
+        self._deliver_later(batch.owner, [record(batch.owner, batch.indices[k],
+                                                 batch.targets[k], outcome, batch.attempt)])
 
     def _expire(self) -> None:
         """Kill the workers whose target is past its deadline or over the memory limit."""
@@ -841,22 +866,22 @@ class TargetPool:
     def _fail(self, batch: Batch, error: Callable[[str], TargetError]) -> None:
         """Every task of `batch` fails, with the error `error(target)`."""
         self._deliver_later(batch.owner, [
-            Result.of(batch.owner, index, target, Outcome.failure(error(target)), batch.attempt)
+            record(batch.owner, index, target, Outcome.failure(error(target)), batch.attempt)
             for index, target in zip(batch.indices, batch.targets, strict=True)])
 
-    def _deliver_later(self, owner: Owner, results: list[Result]) -> None:
+    def _deliver_later(self, owner: Owner, records: list[Record]) -> None:
         """Queue results for `_deliver_taken`: whoever holds the lock records them once it has
         let go of it, so that a caller woken by them finds the pool free."""
-        self._taken.append((owner, results))
+        self._taken.append((owner, records))
 
     def _deliver_taken(self) -> None:
         """Record the queued results; any thread, not under the lock (each pop is atomic)."""
         while self._taken:
-            owner, results = self._taken.popleft()
+            owner, records = self._taken.popleft()
             try:
-                self._deliver(owner, results)
+                self._deliver(owner, records)
             except BaseException:
-                names = sorted({result.target for result in results})
+                names = sorted({record[1] for record in records})
                 logger.critical("engine failed to record results of %s", names, exc_info=True)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 import traceback as traceback_module
+from collections.abc import Iterable
+from itertools import repeat
 from typing import Any, NamedTuple
 
 
@@ -41,8 +43,7 @@ class Outcome(NamedTuple):
 
 
 class Result(NamedTuple):
-    """The one result of one target of an invocation: an immutable value (a named tuple, which
-    is cheap to make: the engine makes one for every target).
+    """The one result of one target of an invocation: an immutable value (a named tuple).
 
     `exception` is the real exception object: a target's own exception (re-raising it shows the
     worker's frames), or an `engine.TargetError` saying why there is no response.
@@ -60,14 +61,6 @@ class Result(NamedTuple):
     started: float | None  #: epoch seconds when a worker began the target; None if it never did
     pid: int | None  #: the worker process that ran the target
     attempts: int = 1  #: how many times it ran: more than 1 only with retries
-
-    @classmethod
-    def of(cls, invocation: Any, index: int, target: str, outcome: Outcome,
-           attempts: int = 1) -> Result:
-        """The result of target `index` of `invocation` (its `cid` and `req_ts` are read)."""
-        ok, value, traceback, started, finished, pid = outcome
-        return cls(invocation.cid, target, index, ok, value if ok else None, None if ok else value,
-                   traceback, invocation.req_ts, finished, started, pid, attempts)
 
     @property
     def duration(self) -> float | None:
@@ -105,3 +98,21 @@ class Result(NamedTuple):
         if with_attempts:
             payload["attempts"] = self.attempts
         return payload
+
+
+#: A Result's fields in an exact tuple: what the engine keeps, and makes into Results when they
+#: are asked for. The garbage collector stops tracking an exact tuple of plain values, but never
+#: a named tuple: a million kept Results would make each full collection walk a million objects.
+Record = tuple[Any, ...]
+
+
+def record(invocation: Any, index: int, target: str, outcome: Outcome, attempts: int = 1) -> Record:
+    """The record of target `index` of `invocation` (its `cid` and `req_ts` are read)."""
+    ok, value, traceback, started, finished, pid = outcome
+    return (invocation.cid, target, index, ok, value if ok else None, None if ok else value,
+            traceback, invocation.req_ts, finished, started, pid, attempts)
+
+
+def as_results(records: Iterable[Record]) -> list[Result]:
+    """Records made Results, in C: no Python code runs per record."""
+    return list(map(tuple.__new__, repeat(Result), records))

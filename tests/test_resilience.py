@@ -6,6 +6,7 @@ import collections
 import logging
 import os
 import random
+import gc
 import signal
 import threading
 import time
@@ -264,3 +265,18 @@ def test_without_kept_results_memory_stays_flat_and_callbacks_get_everything() -
     assert seen == {True: 2 * count}
     # 20,000 kept results of 1 kB responses take over 20 MB; not keeping them takes nothing.
     assert growth[False] < 2_000_000 and growth[True] > 20_000_000, growth
+
+
+def test_kept_results_add_nothing_for_the_garbage_collector_to_walk() -> None:
+    # A long-running caller keeps the results of its last `history` invocations: were each
+    # result an object the collector tracks, every full collection would walk all of them
+    # (that cost dispatch half its speed).
+    with Engine(workers=2) as eng:
+        eng.wait(eng.invoke([(targets.echo, 0)] * 2), timeout=30)
+        gc.collect()
+        before = len(gc.get_objects())
+        cid = eng.invoke([(targets.echo, index) for index in range(20_000)])
+        assert len(eng.wait(cid, timeout=120)) == 20_000  # the Results made here are dropped
+        gc.collect()
+        assert len(gc.get_objects()) - before < 1_000
+        assert [result.response for result in eng.wait(cid)] == list(range(20_000))
