@@ -245,10 +245,11 @@ class Invocation:
             payloads = [result.payload(self.source, with_attempts) for result in results]
         with self._cond:
             fresh = self._mark_recorded(records)
-            if fresh is not records:
+            if fresh is not records:  # (a bug: logged) keep what goes with the fresh records
                 kept = set(map(id, fresh))
-                results = [result for result, old in zip(results, records) if id(old) in kept]
-                payloads = [payload for payload, old in zip(payloads, records) if id(old) in kept]
+                keep = [id(item) in kept for item in records]
+                results = list(itertools.compress(results, keep))
+                payloads = list(itertools.compress(payloads, keep))
             self._count += len(fresh)
             if self.keep_results:
                 self._chunks.append(tuple(fresh))
@@ -324,7 +325,8 @@ class Invocation:
                 "on_target": [name for name, _ in self.on_target],
                 "on_final": [name for name, _ in self.on_final],
             }
-            self._callbacks.submit([(fn, name, {**payload, "data": list(itertools.chain.from_iterable(self._data))}, context,
+            data = list(itertools.chain.from_iterable(self._data))
+            self._callbacks.submit([(fn, name, {**payload, "data": data.copy()}, context,
                                      self._callback_done) for name, fn in self.on_final])
         self._callback_done(0)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 import os
 import random
-import gc
 import signal
 import threading
 import time
