@@ -19,7 +19,7 @@ from ._callbacks import Callback, CallbackPool
 from ._context import CallContext, Channel
 from ._exceptions import SerializationError, TargetCancelledError
 from ._names import Registry
-from ._pool import Batch
+from ._pool import Batch, Pace
 from ._result import Outcome, Record, Result, as_results, record, utc_timestamp
 
 logger = logging.getLogger("engine")
@@ -80,6 +80,7 @@ class Invocation:
         self.req_ts = time.time()
         self.timeout = timeout
         self.retries, self.retry_on = retries, retry_on
+        self.pace = Pace()
         self.on_target, self.on_final = on_target, on_final
         self._items = items  # (target, request) pairs, pulled only as workers free up
         self._keys = keys  # the mapping's keys, for wait(); None for pairs
@@ -118,9 +119,9 @@ class Invocation:
                     pairs = list(itertools.islice(self._items, limit))
                     self._pulled = start + len(pairs)
                     batch = self._checked_batch(start, pairs)
-                    exhausted = len(pairs) < limit
-                    if exhausted:
-                        self._set_total(self._pulled)
+                    exhausted = self._pulled == self.total  # known from the start
+                    if not pairs:
+                        self._set_total(self._pulled)  # an empty input: its end is news
                 else:
                     pulled = self._pull_many(limit)
                     batch = self._batch(pulled)

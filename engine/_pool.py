@@ -4,7 +4,7 @@
 
     engine (any thread)           manager thread "engine-manager"            worker processes
     ───────────────────           ───────────────────────────────            ────────────────
-    add_feed / kill / close ──►  commands (SimpleQueue) + wake-up pipe
+    add_feed / kill / close ──►  commands (a deque) + wake-up pipe
                                   │ waits on, never polls:
                                   │   the wake-up pipe
                                   │   each worker's outcome pipe  ◄─────────── outcomes, batched
@@ -49,12 +49,10 @@ import math
 import operator
 import os
 import pickle
-import queue
 import selectors
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from itertools import repeat
 from typing import Any, Protocol, cast
@@ -145,6 +143,7 @@ class Owner(Protocol):
     retries: int  #: further attempts allowed after a crash or a timeout
     retry_on: tuple[type[BaseException], ...]  #: raised exceptions that are retried too
     prefix: tuple[str, str, str]  #: (channel, cid, source) of each target's CallContext
+    pace: Pace  #: the pool's own record of how long its targets take
 
     def next_tasks(self, limit: int) -> Batch | None:
         """Up to `limit` next tasks, pulled only as workers free up; None once there are none."""
@@ -201,8 +200,8 @@ class PoolStats:
 
 
 @dataclasses.dataclass(slots=True)
-class _Pace:
-    """What batches of an owner's targets should hold, as measured so far."""
+class Pace:
+    """What batches of an owner's targets should hold, as the pool measured so far."""
 
     duration: float | None = None  #: seconds a target takes
     request_bytes: float = 0.0  #: the size of a pickled request
@@ -222,7 +221,7 @@ class TargetPool:
         self._size = size
         self._deliver = deliver
         self._limits = limits
-        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._commands: collections.deque[tuple[Any, ...]] = collections.deque()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         # What the manager waits on: registered once, not for every wait.
@@ -233,8 +232,6 @@ class TargetPool:
         self._next_memory_check = 0.0  # monotonic seconds
         self._feeds: collections.deque[Owner] = collections.deque()
         self._requeued: collections.deque[Batch] = collections.deque()
-        # How long a target of each owner takes and how big its request is: it sizes batches.
-        self._paces: weakref.WeakKeyDictionary[Owner, _Pace] = weakref.WeakKeyDictionary()
         self._closing = False
         self._consecutive_start_failures = 0.0
         # Why no target can run, once that is so: the error to fail each with, and its reason.
@@ -315,7 +312,7 @@ class TargetPool:
         with self._accepting_lock:
             if not self._accepting:
                 return False
-            self._commands.put(command)
+            self._commands.append(command)
             self._wake()
             return True
 
@@ -366,11 +363,8 @@ class TargetPool:
         return bool(self._feeds or self._requeued or any(w.inflight for w in self._workers))
 
     def _take_commands(self) -> None:
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        while self._commands:  # only this thread takes; others append
+            command = self._commands.popleft()
             kind = command[0]
             if kind == "feed":
                 self._feeds.append(command[1])
@@ -500,16 +494,16 @@ class TargetPool:
             position += 5 * n
             assert k == batch.done and chunk[-5] == batch.first_id + k + n - 1, \
                 "a worker reported outcomes out of order"
-            batch.done = k + n
-            if batch.done == len(batch):
-                inflight.popleft()
             records = self._plain_records(batch, k, chunk, pid)
             if records is None:
                 records = self._records(batch, k, chunk, pid)
+            batch.done = k + n  # only now: should the above fail, they are failed, not lost
+            if batch.done == len(batch):
+                inflight.popleft()
             if records:
                 self._deliver_later(batch.owner, records)
             busy = math.fsum(map(operator.sub, chunk[3::5], chunk[2::5]))
-            self._pace(batch.owner).ran(busy / n, n)
+            batch.owner.pace.ran(busy / n, n)
             worker.tasks_run += n
         worker.deadline = None
 
@@ -722,16 +716,10 @@ class TargetPool:
 
     # -- dispatch -------------------------------------------------------------------------------
 
-    def _pace(self, owner: Owner) -> _Pace:
-        pace = self._paces.get(owner)
-        if pace is None:
-            pace = self._paces[owner] = _Pace()
-        return pace
-
     def _batch_size(self, owner: Owner) -> int:
         """Targets to send together: about `BATCH_SECONDS` of work; one while it is unknown."""
-        pace = self._paces.get(owner)
-        if pace is None or pace.duration is None:
+        pace = owner.pace
+        if pace.duration is None:
             return 1
         size = min(BATCH_SECONDS / max(pace.duration, 1e-7),
                    MAX_BATCH_BYTES / max(pace.request_bytes, 1.0))
@@ -775,9 +763,9 @@ class TargetPool:
             room = self._limits.max_tasks_per_worker - worker.tasks_run - waiting
         if worker.inflight:
             owner = worker.inflight[-1].owner
-            pace = self._paces.get(owner)
+            pace = owner.pace
             ahead = _AHEAD if worker.process.pipe_bytes >= _AHEAD * 2 * _PREFETCH_BYTES else 1
-            if pace is None or pace.duration is None or pace.duration >= BATCH_SECONDS \
+            if pace.duration is None or pace.duration >= BATCH_SECONDS \
                     or waiting > ahead * self._batch_size(owner):
                 return 0
         return max(0, room)
@@ -810,7 +798,7 @@ class TargetPool:
             why = f"{type(exc).__name__}: {exc}"
             self._fail(batch, lambda target: SerializationError(target, "request", why))
             return
-        self._pace(owner).request_bytes = len(requests) / len(batch)
+        owner.pace.request_bytes = len(requests) / len(batch)
         if len(requests) > MAX_BATCH_BYTES and len(batch) > 1:
             half = len(batch) // 2  # keep one message's memory bounded
             self._requeued.appendleft(batch.part(half))

@@ -153,20 +153,24 @@ def test_an_idle_worker_killed_from_outside_is_replaced(engine: Engine) -> None:
     assert all(r.ok for r in results)
 
 
+@pytest.mark.parametrize("where", ["_receive", "_plain_records"])
 def test_a_failure_of_the_engine_itself_fails_every_target_instead_of_hanging(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        where: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in the manager thread, before it reads what a worker sent or after (while it makes
+    the results of outcomes it has read), fails every target rather than lose one."""
     from engine import EngineBrokenError
     from engine._pool import TargetPool
 
-    original = TargetPool._receive
+    original = getattr(TargetPool, where)
     broken = threading.Event()
 
-    def receive_then_fail(self: TargetPool, worker: Any) -> bool:
+    def fail_once_broken(*args: Any) -> Any:
         if broken.is_set():
             raise RuntimeError("injected bug in the manager thread")
-        return original(self, worker)
+        return original(*args)
 
-    monkeypatch.setattr(TargetPool, "_receive", receive_then_fail)
+    monkeypatch.setattr(TargetPool, where, fail_once_broken if where == "_receive"
+                        else staticmethod(fail_once_broken))
     with Engine(workers=2) as eng:
         eng.wait(eng.invoke([(targets.echo, 0)] * 2), timeout=30)
         pids = eng.stats().worker_pids
