@@ -308,9 +308,11 @@ class Engine:
         for invocation in self._snapshot():
             if not invocation.wait_done(_remaining(deadline)):
                 break
-        leftover = self._snapshot()
+        # (a finished invocation may not be retired yet: its last thread is about to)
+        leftover = [inv for inv in self._snapshot() if inv.phase is not Phase.DONE]
         if leftover:
-            logger.warning("engine shutdown timed out; cancelling %d invocations", len(leftover))
+            logger.warning("engine shutdown timed out; cancelling %d invocations: %s", len(leftover),
+                           "; ".join(f"{inv.cid} ({inv.progress()})" for inv in leftover))
             for invocation in leftover:
                 invocation.cancel()
                 self._pool.kill_running(invocation, _cancelled_while_running)

@@ -258,7 +258,8 @@ class Invocation:
                 self._data.append(tuple(payloads))
             self._pending_callbacks += len(self.on_target) * len(fresh)
             all_done = self._all_targets_done()
-            self._cond.notify_all()
+            if not all_done:
+                self._cond.notify_all()
         if self.on_target:
             channel = _CHANNELS[self.channel][0].value
             shared = len(self.on_target) + bool(self.on_final) > 1  # each gets its own copy
@@ -270,6 +271,8 @@ class Invocation:
                 for name, fn in self.on_target])
         if all_done:
             self._finish_targets()
+            with self._cond:  # the last results, told once their bookkeeping is done
+                self._cond.notify_all()
 
     def _mark_recorded(self, records: list[Record]) -> list[Record]:
         """Under `_cond`: mark each record's target as having its result; the records, less any
@@ -349,7 +352,8 @@ class Invocation:
     def progress(self) -> str:
         with self._cond:
             total = "?" if self.total is None else self.total
-            return f"{self._count} of {total} results, {self._pending_callbacks} callbacks pending"
+            return (f"{self._count} of {total} results, {self._pending_callbacks} callbacks "
+                    f"pending, {self.phase.value}")
 
     def collect(self) -> dict[Any, Result] | list[Result]:
         """``{target: Result}`` for a mapping, else one Result per pair in the order given."""

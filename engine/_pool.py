@@ -283,6 +283,7 @@ class TargetPool:
                     continue
                 batch = feed.next_tasks(min(room, self._batch_size(feed)))
                 if batch is None:
+                    self._feeds.pop()  # all sent: nothing left for the manager to pull
                     break
                 self._send(worker, batch)
         except BaseException:  # a bug: the manager fails everything, as for its own
