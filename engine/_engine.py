@@ -311,7 +311,8 @@ class Engine:
         # (a finished invocation may not be retired yet: its last thread is about to)
         leftover = [inv for inv in self._snapshot() if inv.phase is not Phase.DONE]
         if leftover:
-            logger.warning("engine shutdown timed out; cancelling %d invocations: %s", len(leftover),
+            logger.warning("engine shutdown timed out; cancelling %d invocations: %s",
+                           len(leftover),
                            "; ".join(f"{inv.cid} ({inv.progress()})" for inv in leftover))
             for invocation in leftover:
                 invocation.cancel()
