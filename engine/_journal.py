@@ -8,12 +8,14 @@ sent. If the worker dies mid-batch, the pool reads the outcomes from the journal
 The entries are one pickle stream, so that the pool reads a whole batch with one `pickle.loads`
 into one flat list, five items an entry (no object per entry for the garbage collector): after
 an 8-byte header holding the end of the committed entries come ``PROTO 3`` and ``MARK``, then
-the entries, each the opcodes of its items ``task id, status, started, finished, value`` (the
-pickle of that tuple without its ``PROTO``, ``MARK``, ``TUPLE``, memo put and ``STOP``); the
-reader closes the list (``LIST``, ``STOP``). Protocol 3 names its memo slots explicitly (4 and
-later number them implicitly), so pickles made one by one concatenate: each entry's references
-are to slots it set itself. The header is updated only after an entry is complete, so a reader
-never sees half an entry.
+the entries, each the opcodes of its items ``task id, value, status, started, finished``; the
+reader closes the list (``LIST``, ``STOP``). The opcodes are packed with `struct` (a task id
+as ``LONG1``, a status as ``BININT1``, times as ``BINFLOAT``; a ``None`` or 32-bit int value
+as ``NONE`` or ``BININT``): a worker writes an entry in a fraction of what pickling it costs.
+Any other value is the pickle of it alone, less ``PROTO`` and ``STOP``; protocol 3 names its
+memo slots explicitly (4 and later number them implicitly), so such pickles concatenate: each
+entry's references are to slots it set itself. The header is updated only after an entry is
+complete, so a reader never sees half an entry.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,7 +31,12 @@ OUTCOMES = b"\x80\x03("  #: the start of every message of entries: PROTO 3, MARK
 _END = b"l."  #: LIST, STOP: what the reader appends
 _HEADER = 8  #: bytes of the header: the end of the committed entries, an unsigned 64-bit int
 _START = _HEADER + len(OUTCOMES)
-Entry = tuple[int, int, float, float, Any]  #: task id, status, started, finished, value
+Entry = tuple[int, Any, int, float, float]  #: task id, value, status, started, finished
+_LONG1, _NONE, _BININT, _BININT1, _BINFLOAT = 0x8A, 0x4E, 0x4A, 0x4B, 0x47
+_ID = struct.Struct("<BBq")  #: the task id: LONG1 of 8 bytes (pickle's ints are little-endian)
+_ID_NONE = struct.Struct("<BBqB")  #: ... and a None value
+_ID_INT = struct.Struct("<BBqBi")  #: ... and a 32-bit int value
+_REST = struct.Struct(">BBBdBd")  #: status, started, finished (BINFLOAT is big-endian)
 
 
 class Journal:
@@ -65,12 +73,26 @@ class Journal:
                value: Any) -> bool:
         """Commit one entry; False if it does not fit in what is left. `value` must be of a
         builtin type that any interpreter unpickles (the pool reads a batch at once)."""
-        entry = pickle.dumps((task_id, status, started, finished, value), 3)[3:-4]
         start = self._end
-        end = start + len(entry)
+        if value is None:
+            head, body = _ID_NONE, b""
+        elif type(value) is int and -0x80000000 <= value < 0x80000000:
+            head, body = _ID_INT, b""
+        else:
+            head, body = _ID, pickle.dumps(value, 3)[2:-1]
+        middle = start + head.size + len(body)
+        end = middle + _REST.size
         if end > self.size:
             return False
-        self._map[start:end] = entry
+        if head is _ID_INT:
+            head.pack_into(self._map, start, _LONG1, 8, task_id, _BININT, value)
+        elif head is _ID_NONE:
+            head.pack_into(self._map, start, _LONG1, 8, task_id, _NONE)
+        else:
+            head.pack_into(self._map, start, _LONG1, 8, task_id)
+            self._map[start + head.size:middle] = body
+        _REST.pack_into(self._map, middle, _BININT1, status, _BINFLOAT, started, _BINFLOAT,
+                        finished)
         self._committed[0] = end
         self._end = end
         return True
@@ -96,7 +118,7 @@ class Journal:
 
 def read_items(message: bytes | bytearray) -> list[Any]:
     """The items of an `OUTCOMES` message (or of a journal's committed part): five an entry,
-    ``task id, status, started, finished, value``, in the order they ran."""
+    ``task id, value, status, started, finished``, in the order they ran."""
     items: list[Any] = pickle.loads(message + _END)
     return items
 

@@ -446,10 +446,10 @@ class TargetPool:
             finally:
                 self._spills_read.append(worker.process)
             if status == OK:
-                self._take_outcomes(worker, [task_id, LOADED, started, finished, value])
+                self._take_outcomes(worker, [task_id, value, LOADED, started, finished])
             else:
                 body = value[1] if value[0] else pickle.dumps((b"", repr(value[1])))
-                self._take_outcomes(worker, [task_id, status, started, finished, body])
+                self._take_outcomes(worker, [task_id, body, status, started, finished])
         else:
             kind, detail = pickle.loads(message[1:])
             if kind == START_FAILED:
@@ -477,8 +477,8 @@ class TargetPool:
         worker.deadline = None if timeout is None else time.monotonic() + timeout
 
     def _take_outcomes(self, worker: _Worker, items: list[Any]) -> None:
-        """Deliver what a worker reports: `items` holds five per outcome (task id, status,
-        started, finished, value), in the order they ran; what was delivered already is skipped.
+        """Deliver what a worker reports: `items` holds five per outcome (task id, value,
+        status, started, finished), in the order they ran; what was delivered already is skipped.
 
         A batch's run of responses becomes records in C (columns zipped), with no Python code
         per target: at a million targets, that code was most of what the caller spent."""
@@ -503,7 +503,7 @@ class TargetPool:
                 inflight.popleft()
             if records:
                 self._deliver_later(batch.owner, records)
-            busy = math.fsum(map(operator.sub, chunk[3::5], chunk[2::5]))
+            busy = math.fsum(map(operator.sub, chunk[4::5], chunk[3::5]))
             batch.owner.pace.ran(busy / n, n)
             worker.tasks_run += n
         worker.deadline = None
@@ -513,7 +513,7 @@ class TargetPool:
             -> list[Record] | None:
         """The records of `chunk`, outcomes of tasks `k`... of `batch`, if each is a response
         (as it is, or pickled); None if any is not, or will not unpickle."""
-        statuses, values = chunk[1::5], chunk[4::5]
+        values, statuses = chunk[1::5], chunk[2::5]
         plain = statuses.count(OK)
         if plain < len(statuses):
             if plain + statuses.count(PICKLED) < len(statuses):
@@ -526,14 +526,14 @@ class TargetPool:
         owner, stop = batch.owner, k + len(statuses)
         return list(zip(repeat(owner.cid), batch.targets[k:stop], batch.indices[k:stop],
                         repeat(True), values, repeat(None), repeat(None), repeat(owner.req_ts),
-                        chunk[3::5], chunk[2::5], repeat(pid), repeat(batch.attempt)))
+                        chunk[4::5], chunk[3::5], repeat(pid), repeat(batch.attempt)))
 
     def _records(self, batch: Batch, k: int, chunk: list[Any], pid: int | None) -> list[Record]:
         """The records of `chunk`, one by one: failures, retries, spilled responses; a task
         whose batch did not unpickle in the worker is sent again on its own."""
         records, resend = [], []
         for j in range(0, len(chunk), 5):
-            _, status, started, finished, body = chunk[j:j + 5]
+            _, body, status, started, finished = chunk[j:j + 5]
             task = k + j // 5
             outcome: Outcome | None
             if status == UNLOADED:
