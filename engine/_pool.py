@@ -484,7 +484,7 @@ class TargetPool:
         per target: at a million targets, that code was most of what the caller spent."""
         inflight, pid = worker.inflight, worker.pid
         position, end = 0, len(items)
-        while position < end and inflight:
+        while end - position >= 5 and inflight:
             batch = inflight[0]
             k = items[position] - batch.first_id
             if k < batch.done:  # read again from the journal after it was sent
