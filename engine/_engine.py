@@ -26,7 +26,7 @@ from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledEr
 from ._invocation import Invocation, NamedCallback, Phase
 from ._names import Registry
 from ._pool import Limits, Owner, TargetPool
-from ._result import Record, Result
+from ._result import Records, Result
 
 logger = logging.getLogger("engine")
 
@@ -283,7 +283,7 @@ class Engine:
             callbacks = [callbacks]
         return [self._registry.resolve(callback, "callback") for callback in callbacks]
 
-    def _deliver(self, owner: Owner, records: list[Record]) -> None:
+    def _deliver(self, owner: Owner, records: Records) -> None:
         cast(Invocation, owner).record_all(records)
 
     def _retire(self, invocation: Invocation) -> None:

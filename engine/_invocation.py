@@ -20,7 +20,16 @@ from ._context import CallContext, Channel
 from ._exceptions import SerializationError, TargetCancelledError
 from ._names import Registry
 from ._pool import Batch, Pace
-from ._result import Outcome, Record, Result, as_results, record, utc_timestamp
+from ._result import (
+    Outcome,
+    Record,
+    Records,
+    Responses,
+    Result,
+    as_results,
+    record,
+    utc_timestamp,
+)
 
 logger = logging.getLogger("engine")
 _NOTHING = object()
@@ -96,7 +105,7 @@ class Invocation:
         # Records in completion order, a tuple of them per delivery; none unless keep_results.
         # Tuples of plain values drop out of the garbage collector's view, so that a million
         # kept results cost its full collections a few thousand visits, not a million.
-        self._chunks: list[tuple[Record, ...]] = []
+        self._chunks: list[Responses | tuple[Record, ...]] = []
         self._recorded = bytearray()  # 1 at each index that has its result: 1 byte a target
         self._count = 0
         self._data: list[tuple[dict[str, Any], ...]] = []  # fan-in payloads, likewise
@@ -236,7 +245,7 @@ class Invocation:
         """Record a target's only result and queue its callbacks; never waits on them."""
         self.record_all([record(self, index, target, outcome, attempts)])
 
-    def record_all(self, records: list[Record]) -> None:
+    def record_all(self, records: Records) -> None:
         """Record the results of a batch under one lock, and queue their callbacks."""
         results: list[Result] = []
         payloads: list[dict[str, Any]] = []
@@ -245,18 +254,17 @@ class Invocation:
             results = as_results(records)
             payloads = [result.payload(self.source, with_attempts) for result in results]
         with self._cond:
-            fresh = self._mark_recorded(records)
-            if fresh is not records:  # (a bug: logged) keep what goes with the fresh records
-                kept = set(map(id, fresh))
-                keep = [id(item) in kept for item in records]
+            keep = self._mark_recorded(records)
+            if keep is not None:  # (a bug: logged) only what goes with the fresh records
+                records = list(itertools.compress(records, keep))
                 results = list(itertools.compress(results, keep))
                 payloads = list(itertools.compress(payloads, keep))
-            self._count += len(fresh)
+            self._count += len(records)
             if self.keep_results:
-                self._chunks.append(tuple(fresh))
+                self._chunks.append(records if isinstance(records, Responses) else tuple(records))
             if self.on_final:
                 self._data.append(tuple(payloads))
-            self._pending_callbacks += len(self.on_target) * len(fresh)
+            self._pending_callbacks += len(self.on_target) * len(records)
             all_done = self._all_targets_done()
             if not all_done:
                 self._cond.notify_all()
@@ -274,32 +282,32 @@ class Invocation:
             with self._cond:  # the last results, told once their bookkeeping is done
                 self._cond.notify_all()
 
-    def _mark_recorded(self, records: list[Record]) -> list[Record]:
-        """Under `_cond`: mark each record's target as having its result; the records, less any
-        of a target that had its result already (a bug of the engine: logged, dropped). A run of
-        consecutive indices, as a list's batch is, is checked and marked in C."""
-        if not records:
-            return records
-        recorded = self._recorded
-        first, count = records[0][2], len(records)
+    def _mark_recorded(self, records: Records) -> list[bool] | None:
+        """Under `_cond`: mark each record's target as having its result. None if every one is
+        fresh, else which are: a second result for a target is a bug of the engine (logged, then
+        dropped). A run of consecutive indices, as a list's batch is, is checked in C."""
+        indices = list(map(_BY_INDEX, records))
+        if not indices:
+            return None
+        recorded, first, count = self._recorded, indices[0], len(indices)
         if len(recorded) < first + count:
             recorded.extend(bytes(max(first + count - len(recorded), len(recorded))))
-        if records[-1][2] == first + count - 1 and recorded.find(1, first, first + count) < 0 \
-                and list(map(_BY_INDEX, records)) == list(range(first, first + count)):
+        if indices[-1] == first + count - 1 and recorded.find(1, first, first + count) < 0 \
+                and indices == list(range(first, first + count)):
             recorded[first:first + count] = b"\1" * count
-            return records
-        fresh = []
-        for item in records:
-            index = item[2]
+            return None
+        keep = []
+        for index in indices:
             if index >= len(recorded):
                 recorded.extend(bytes(max(index + 1 - len(recorded), len(recorded))))
             elif recorded[index]:
                 logger.error("engine got a second result for target %d of cid %s; ignored",
                              index, self.cid)
+                keep.append(False)
                 continue
             recorded[index] = 1
-            fresh.append(item)
-        return fresh
+            keep.append(True)
+        return None if all(keep) else keep
 
     def _set_total(self, total: int) -> None:
         with self._cond:
@@ -357,7 +365,10 @@ class Invocation:
 
     def collect(self) -> dict[Any, Result] | list[Result]:
         """``{target: Result}`` for a mapping, else one Result per pair in the order given."""
-        ordered = as_results(sorted(self.records(), key=_BY_INDEX))
+        with self._cond:
+            chunks = list(self._chunks)
+        ordered = as_results(itertools.chain.from_iterable(chunks))  # a Result each, nothing more
+        ordered.sort(key=_BY_INDEX)
         if self._keys is not None:
             return dict(zip(self._keys, ordered, strict=True)) if self.keep_results else {}
         return ordered

@@ -54,7 +54,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from itertools import repeat
 from typing import Any, Protocol, cast
 
 import cloudpickle
@@ -73,7 +72,7 @@ from ._exceptions import (
 )
 from ._journal import OUTCOMES, read_items
 from ._process import WorkerProcess
-from ._result import Outcome, Record, record
+from ._result import Outcome, Record, Records, Responses, record
 from ._worker import FAILED, LARGE, OK, PICKLED, START_FAILED, UNLOADED
 
 LOADED = -3  #: a status of the pool's own: a large response, already read from the spill file
@@ -149,7 +148,7 @@ class Owner(Protocol):
         """Up to `limit` next tasks, pulled only as workers free up; None once there are none."""
 
 
-Deliver = Callable[[Owner, list[Record]], None]  #: an owner's results, in the order they ran
+Deliver = Callable[[Owner, Records], None]  #: an owner's results, in the order they ran
 
 
 class _Worker:
@@ -242,7 +241,7 @@ class TargetPool:
         # thread may take it then, to send its invocation's first batches itself.
         self._lock = threading.Lock()
         self._next_task_id = 0
-        self._taken: collections.deque[tuple[Owner, list[Record]]] = collections.deque()
+        self._taken: collections.deque[tuple[Owner, Records]] = collections.deque()
         self._spills_read: list[WorkerProcess] = []  # to release, once their results are in
         self.stats = PoolStats()
         self.pids: tuple[int, ...] = ()  # the live workers' pids, for observers
@@ -495,7 +494,7 @@ class TargetPool:
             position += 5 * n
             assert k == batch.done and chunk[-5] == batch.first_id + k + n - 1, \
                 "a worker reported outcomes out of order"
-            records = self._plain_records(batch, k, chunk, pid)
+            records: Records | None = self._plain_records(batch, k, chunk, pid)
             if records is None:
                 records = self._records(batch, k, chunk, pid)
             batch.done = k + n  # only now: should the above fail, they are failed, not lost
@@ -510,8 +509,8 @@ class TargetPool:
 
     @staticmethod
     def _plain_records(batch: Batch, k: int, chunk: list[Any], pid: int | None) \
-            -> list[Record] | None:
-        """The records of `chunk`, outcomes of tasks `k`... of `batch`, if each is a response
+            -> Responses | None:
+        """The results of `chunk`, outcomes of tasks `k`... of `batch`, if each is a response
         (as it is, or pickled); None if any is not, or will not unpickle."""
         values, statuses = chunk[1::5], chunk[2::5]
         plain = statuses.count(OK)
@@ -524,9 +523,10 @@ class TargetPool:
             except BaseException:
                 return None  # taken one by one: only the culprit fails
         owner, stop = batch.owner, k + len(statuses)
-        return list(zip(repeat(owner.cid), batch.targets[k:stop], batch.indices[k:stop],
-                        repeat(True), values, repeat(None), repeat(None), repeat(owner.req_ts),
-                        chunk[4::5], chunk[3::5], repeat(pid), repeat(batch.attempt)))
+        # Tuples, not lists: a tuple of plain values drops out of the collector's view.
+        return Responses(owner.cid, tuple(batch.targets[k:stop]), _frozen(batch.indices[k:stop]),
+                         tuple(values), owner.req_ts, tuple(chunk[4::5]), tuple(chunk[3::5]),
+                         pid, batch.attempt)
 
     def _records(self, batch: Batch, k: int, chunk: list[Any], pid: int | None) -> list[Record]:
         """The records of `chunk`, one by one: failures, retries, spilled responses; a task
@@ -858,7 +858,7 @@ class TargetPool:
             record(batch.owner, index, target, Outcome.failure(error(target)), batch.attempt)
             for index, target in zip(batch.indices, batch.targets, strict=True)])
 
-    def _deliver_later(self, owner: Owner, records: list[Record]) -> None:
+    def _deliver_later(self, owner: Owner, records: Records) -> None:
         """Queue results for `_deliver_taken`: whoever holds the lock records them once it has
         let go of it, so that a caller woken by them finds the pool free."""
         self._taken.append((owner, records))
@@ -872,6 +872,11 @@ class TargetPool:
             except BaseException:
                 names = sorted({record[1] for record in records})
                 logger.critical("engine failed to record results of %s", names, exc_info=True)
+
+
+def _frozen(indices: Sequence[int]) -> Sequence[int]:
+    """A range as it is (it holds no objects), anything else as a tuple."""
+    return indices if isinstance(indices, (range, tuple)) else tuple(indices)
 
 
 def _pickled_requests(requests: list[Any]) -> bytes:

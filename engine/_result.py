@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback as traceback_module
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -104,6 +105,33 @@ class Result(NamedTuple):
 #: are asked for. The garbage collector stops tracking an exact tuple of plain values, but never
 #: a named tuple: a million kept Results would make each full collection walk a million objects.
 Record = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Responses:
+    """A run of one batch's targets that all returned, kept as the columns the pool read: no
+    object per target until a Result is asked for. Iterating gives its records."""
+
+    cid: str
+    targets: Sequence[str]
+    indices: Sequence[int]
+    values: Sequence[Any]
+    req_ts: float
+    finished: Sequence[float]
+    started: Sequence[float]
+    pid: int | None
+    attempts: int
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __iter__(self) -> Iterator[Record]:
+        return zip(repeat(self.cid), self.targets, self.indices, repeat(True), self.values,
+                   repeat(None), repeat(None), repeat(self.req_ts), self.finished, self.started,
+                   repeat(self.pid), repeat(self.attempts))
+
+
+Records = Responses | Sequence[Record]  #: what the pool delivers at once
 
 
 def record(invocation: Any, index: int, target: str, outcome: Outcome, attempts: int = 1) -> Record:
