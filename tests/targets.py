@@ -164,11 +164,12 @@ def take_shared_lock(_: Any = None) -> bool:
 
 
 def log_run(job: tuple[Any, ...]) -> int:
-    """Append `index` to the file at `path` (one line a run), then crash the worker or hang if
-    this index is `special`: `how` is "exit", "kill" or "hang". More items are ballast."""
+    """Append `index` and the worker's pid to the file at `path` (one line a run), then crash
+    the worker or hang if this index is `special`: `how` is "exit", "kill" or "hang". More
+    items are ballast."""
     path, index, special, how = job[:4]
     with open(path, "a") as log:
-        log.write(f"{index}\n")
+        log.write(f"{index} {os.getpid()}\n")
     if index == special:
         if how == "exit":
             os._exit(7)
