@@ -479,8 +479,9 @@ class TargetPool:
         """Deliver what a worker reports: `items` holds five per outcome (task id, value,
         status, started, finished), in the order they ran; what was delivered already is skipped.
 
-        A batch's run of responses becomes records in C (columns zipped), with no Python code
-        per target: at a million targets, that code was most of what the caller spent."""
+        A batch's run of responses is kept as its columns (`Responses`: a few slices), with no
+        Python code per target: at a million targets, that code was most of what the caller
+        spent."""
         inflight, pid = worker.inflight, worker.pid
         position, end = 0, len(items)
         while end - position >= 5 and inflight:
@@ -494,7 +495,7 @@ class TargetPool:
             position += 5 * n
             assert k == batch.done and chunk[-5] == batch.first_id + k + n - 1, \
                 "a worker reported outcomes out of order"
-            records: Records | None = self._plain_records(batch, k, chunk, pid)
+            records: Records | None = self._responses(batch, k, chunk, pid)
             if records is None:
                 records = self._records(batch, k, chunk, pid)
             batch.done = k + n  # only now: should the above fail, they are failed, not lost
@@ -508,8 +509,7 @@ class TargetPool:
         worker.deadline = None
 
     @staticmethod
-    def _plain_records(batch: Batch, k: int, chunk: list[Any], pid: int | None) \
-            -> Responses | None:
+    def _responses(batch: Batch, k: int, chunk: list[Any], pid: int | None) -> Responses | None:
         """The results of `chunk`, outcomes of tasks `k`... of `batch`, if each is a response
         (as it is, or pickled); None if any is not, or will not unpickle."""
         values, statuses = chunk[1::5], chunk[2::5]

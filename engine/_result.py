@@ -101,9 +101,10 @@ class Result(NamedTuple):
         return payload
 
 
-#: A Result's fields in an exact tuple: what the engine keeps, and makes into Results when they
-#: are asked for. The garbage collector stops tracking an exact tuple of plain values, but never
-#: a named tuple: a million kept Results would make each full collection walk a million objects.
+#: A Result's fields in an exact tuple. The engine keeps results as records (or `Responses`,
+#: columns of many) and makes Results only when they are asked for: the garbage collector stops
+#: tracking an exact tuple of plain values, but never a named tuple, and a million kept Results
+#: would make each of its full collections walk a million objects.
 Record = tuple[Any, ...]
 
 

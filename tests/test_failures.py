@@ -153,7 +153,7 @@ def test_an_idle_worker_killed_from_outside_is_replaced(engine: Engine) -> None:
     assert all(r.ok for r in results)
 
 
-@pytest.mark.parametrize("where", ["_receive", "_plain_records"])
+@pytest.mark.parametrize("where", ["_receive", "_responses"])
 def test_a_failure_of_the_engine_itself_fails_every_target_instead_of_hanging(
         where: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A bug in the manager thread, before it reads what a worker sent or after (while it makes
