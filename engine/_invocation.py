@@ -373,11 +373,6 @@ class Invocation:
             return dict(zip(self._keys, ordered, strict=True)) if self.keep_results else {}
         return ordered
 
-    def records(self) -> list[Record]:
-        """What `Result`s are made of, in completion order."""
-        with self._cond:
-            return list(itertools.chain.from_iterable(self._chunks))
-
     def stream(self, timeout: float | None) -> Iterator[Result]:
         deadline = None if timeout is None else time.monotonic() + timeout
         position = count = 0  # chunks and results yielded

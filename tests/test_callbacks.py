@@ -100,7 +100,7 @@ def test_fanout_runs_on_final_once_after_every_target_with_the_fan_in_payload(
         on_final(payload)
 
     def on_target_results() -> list:
-        return engine._lookup(cid).records()  # when on-final ran
+        return list(engine.as_completed(cid, timeout=0))  # every result is in when on-final runs
 
     cid = engine.fanout([(targets.sleep, 0.2), (targets.fail, "x"), (targets.exit_with, 1)],
                         on_target=[on_target], on_final=[final], source="fan")
@@ -116,7 +116,7 @@ def test_fanout_runs_on_final_once_after_every_target_with_the_fan_in_payload(
     data = payload["data"]
     assert sorted(p["index"] for p in data) == [0, 1, 2]
     assert [p["ok"] for p in sorted(data, key=lambda p: p["index"])] == [True, False, False]
-    completion = [record[2] for record in engine._lookup(cid).records()]  # Result.index
+    completion = [result.index for result in engine.as_completed(cid)]
     assert [p["index"] for p in data] == completion
     assert len(on_target.payloads) == 3
 
