@@ -34,6 +34,10 @@ from ._result import (
 logger = logging.getLogger("engine")
 _NOTHING = object()
 _BY_INDEX = operator.itemgetter(2)  # a Result's index
+#: On-target callbacks of one invocation waiting or running, past which no more of its targets
+#: are sent (`keep_results=False`): memory then holds the work in flight, not every payload of
+#: a stream whose callbacks lag.
+CALLBACK_BACKLOG = 2048
 
 NamedCallback = tuple[str, Callback]
 
@@ -83,7 +87,8 @@ class Invocation:
                  timeout: float | None, retries: int, retry_on: tuple[type[BaseException], ...],
                  keep_results: bool,
                  on_target: list[NamedCallback], on_final: list[NamedCallback],
-                 callbacks: CallbackPool, retire: Callable[[Invocation], None]) -> None:
+                 callbacks: CallbackPool, retire: Callable[[Invocation], None],
+                 resume: Callable[[], None]) -> None:
         self.cid, self.source, self.channel = cid, source, channel
         self.prefix = (channel.value, cid, source)
         self.req_ts = time.time()
@@ -95,7 +100,7 @@ class Invocation:
         self._keys = keys  # the mapping's keys, for wait(); None for pairs
         self._registry = registry
         self._resolved: dict[Any, tuple[str, bytes | SerializationError]] = {}
-        self._callbacks, self._retire = callbacks, retire
+        self._callbacks, self._retire, self._resume = callbacks, retire, resume
         self._feed_lock = threading.Lock()
         self._cond = threading.Condition()
         self._pulled = 0
@@ -342,14 +347,27 @@ class Invocation:
                                      self._callback_done) for name, fn in self.on_final])
         self._callback_done(0)
 
+    @property
+    def lagging(self) -> bool:
+        """Whether its on-target callbacks are so far behind that the pool should pull no more
+        targets: each waiting callback holds a payload, a response included. Only a stream that
+        keeps no results is held back (one that keeps them grows with its input anyway), so no
+        caller streaming its results with `as_completed` from a callback is ever held up."""
+        return not self.keep_results and self._pending_callbacks > CALLBACK_BACKLOG
+
     def _callback_done(self, count: int = 1) -> None:
         with self._cond:
+            before = self._pending_callbacks
             self._pending_callbacks -= count
-            if self.phase is not Phase.CALLBACKS or self._pending_callbacks:
-                return
-            self.phase = Phase.DONE
-            self._cond.notify_all()
-        self._retire(self)
+            caught_up = before > CALLBACK_BACKLOG >= self._pending_callbacks
+            done = self.phase is Phase.CALLBACKS and not self._pending_callbacks
+            if done:
+                self.phase = Phase.DONE
+                self._cond.notify_all()
+        if caught_up:
+            self._resume()
+        if done:
+            self._retire(self)
 
     # -- what the caller waits for ---------------------------------------------------------------
 

@@ -144,6 +144,10 @@ class Owner(Protocol):
     prefix: tuple[str, str, str]  #: (channel, cid, source) of each target's CallContext
     pace: Pace  #: the pool's own record of how long its targets take
 
+    @property
+    def lagging(self) -> bool:
+        """Its callbacks are far behind: pull no more of it until it calls `resume`."""
+
     def next_tasks(self, limit: int) -> Batch | None:
         """Up to `limit` next tasks, pulled only as workers free up; None once there are none."""
 
@@ -294,6 +298,10 @@ class TargetPool:
         if feed.timeout is not None or self._limits.max_memory_per_worker \
                 or not any(w.inflight for w in self._workers):
             self._wake()  # a new deadline to time, memory to watch, or no outcome to wake it
+
+    def resume(self) -> None:
+        """A feed that lagged behind its callbacks may be pulled again."""
+        self._wake()
 
     def kill_running(self, owner: Owner, reason: Callable[[str], TargetError]) -> None:
         """Kill the workers running tasks of `owner`; each such task fails with reason(target)."""
@@ -726,8 +734,10 @@ class TargetPool:
                    MAX_BATCH_BYTES / max(pace.request_bytes, 1.0))
         return max(1, min(MAX_BATCH, int(size)))
 
-    def _next_batch(self, room: int) -> Batch | None:
-        """Up to `room` tasks of one owner: requeued ones first, then round robin over feeds."""
+    def _next_batch(self, room: int, *, paced: bool = True) -> Batch | None:
+        """Up to `room` tasks of one owner: requeued ones first, then round robin over feeds
+        (if `paced`, over those whose callbacks keep up: a lagging one would only add payloads
+        to the callbacks' queue, so that memory grew with the invocation)."""
         batch: Batch | None
         while self._requeued:
             batch = self._requeued.popleft()
@@ -739,8 +749,11 @@ class TargetPool:
                 self._requeued.appendleft(batch.part(limit))
                 batch = batch.part(0, limit)
             return batch
-        while self._feeds:
+        for _ in range(len(self._feeds)):
             feed = self._feeds[0]
+            if paced and feed.lagging:
+                self._feeds.rotate(-1)
+                continue
             batch = feed.next_tasks(min(room, self._batch_size(feed)))
             if batch is None:
                 self._feeds.popleft()
@@ -845,7 +858,7 @@ class TargetPool:
         self._take_commands()  # feeds sent before the manager stopped accepting them
         for worker in self._workers:
             self._requeued.extend(self._unsent(worker, running_too=True))
-        while batch := self._next_batch(MAX_BATCH):
+        while batch := self._next_batch(MAX_BATCH, paced=False):
             self._fail(batch, self._unrunnable)
 
     def _unrunnable(self, target: str) -> TargetError:

@@ -188,3 +188,36 @@ def test_the_callback_backlog_and_lag_are_visible_in_the_stats() -> None:
     assert backlog == 20  # one running, 19 waiting for the thread
     assert stats.callback_backlog == 0 and stats.callbacks_succeeded == 20
     assert stats.callback_max_lag >= 0.5  # the last ones waited for the held one
+
+
+def test_a_stream_whose_callbacks_lag_is_pulled_no_further_than_the_work_in_flight() -> None:
+    # Each waiting callback holds its payload: were targets pulled regardless, memory would
+    # grow with the stream, not with the work in flight.
+    from engine._invocation import CALLBACK_BACKLOG
+    from engine._pool import MAX_BATCH
+
+    count, gate, pulled = 30_000, threading.Event(), [0]
+    calls = collections.Counter[int]()
+
+    def stream():
+        for index in range(count):
+            pulled[0] += 1
+            yield targets.echo, index
+
+    def held(payload: dict) -> None:
+        gate.wait(60)
+        calls[payload["response"]] += 1
+
+    with Engine(workers=2, callback_workers=2) as eng:
+        cid = eng.invoke(stream(), callbacks=[held], keep_results=False)
+        before, deadline = -1, time.monotonic() + 30
+        while pulled[0] != before and time.monotonic() < deadline:  # until it stops pulling
+            before = pulled[0]
+            time.sleep(0.5)
+        stalled_at = pulled[0]
+        gate.set()
+        eng.wait(cid, timeout=120)
+    # the backlog and the batch recorded last, plus what was on its way to each worker: the
+    # running batch, three ahead and one held back
+    assert stalled_at <= CALLBACK_BACKLOG + (1 + 2 * 5) * MAX_BATCH < count, stalled_at
+    assert calls == collections.Counter(range(count))
