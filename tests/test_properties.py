@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import targets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -65,21 +66,30 @@ def test_every_target_yields_one_result_and_each_callback_runs_once(
 @given(size=st.integers(min_value=50, max_value=1500),
        faults=st.lists(st.tuples(st.floats(min_value=0.0, max_value=1.0),
                                  st.sampled_from(["raise", "exit", "kill"])), max_size=4),
-       ballast=st.sampled_from([0, 2_000, 40_000]), lazy=st.booleans())
+       ballast=st.sampled_from([0, 2_000, 40_000]), lazy=st.booleans(), keep=st.booleans())
 def test_batches_give_one_result_per_target_whatever_dies_in_them(
-        engine: Engine, size: int, faults: list[tuple[float, str]], ballast: int,
-        lazy: bool) -> None:
+        engine: Engine, monkeypatch: pytest.MonkeyPatch, size: int,
+        faults: list[tuple[float, str]], ballast: int, lazy: bool, keep: bool) -> None:
     """Many quick targets (so they travel in batches, some held back for busy workers when the
     requests are big), a few of which raise or kill their worker: each target has exactly one
-    result, the faulty ones fail as they should, every other one succeeds, each callback once."""
+    result, the faulty ones fail as they should, every other one succeeds, each callback once.
+    Without `keep`, results go to the callbacks only, and a backlog limit of 8 callbacks holds
+    the stream back whenever they lag (a long stream held back for real: test_callbacks)."""
+    monkeypatch.setattr("engine._invocation.CALLBACK_BACKLOG", 8)
     kinds = ["return"] * size
     for where, kind in faults:
         kinds[int(where * (size - 1))] = kind
     padding = b"p" * ballast
     work = [(targets.outcome_with_ballast, (kind, padding)) for kind in kinds]
     recorder = Recorder()
-    cid = engine.invoke(iter(work) if lazy else work, callbacks=[recorder])
+    cid = engine.invoke(iter(work) if lazy else work, callbacks=[recorder], keep_results=keep)
     results = engine.wait(cid, timeout=120)
+    payloads = sorted(recorder.payloads, key=lambda payload: payload["index"])
+    assert [p["index"] for p in payloads] == list(range(size))
+    assert [p["ok"] for p in payloads] == [EXPECTED[kind] is None for kind in kinds]
+    if not keep:
+        assert results == []
+        return
     assert [r.index for r in results] == list(range(size))
     for kind, result in zip(kinds, results, strict=True):
         expected = EXPECTED[kind]
@@ -87,4 +97,3 @@ def test_batches_give_one_result_per_target_whatever_dies_in_them(
             assert result.ok and result.response == kind, result.exception
         else:
             assert isinstance(result.exception, expected), (kind, result.exception)
-    assert sorted(p["index"] for p in recorder.payloads) == list(range(size))
