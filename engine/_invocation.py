@@ -107,9 +107,9 @@ class Invocation:
         self.total = total  # None until a lazy iterator is exhausted
         self._checked = total is not None  # items are pairs of a list: the fast path can take them
         self.keep_results = keep_results
-        # Records in completion order, a tuple of them per delivery; none unless keep_results.
-        # Tuples of plain values drop out of the garbage collector's view, so that a million
-        # kept results cost its full collections a few thousand visits, not a million.
+        # Results in completion order, one `Responses` or tuple of records per delivery; none
+        # unless keep_results. Tuples of plain values drop out of the garbage collector's view,
+        # so that a million kept results cost its full collections a few visits, not a million.
         self._chunks: list[Responses | tuple[Record, ...]] = []
         self._recorded = bytearray()  # 1 at each index that has its result: 1 byte a target
         self._count = 0

@@ -33,7 +33,8 @@ Invariants:
   is requeued.
 * Every task taken from a feed is delivered exactly once: with its outcome, or with the reason it
   has none (crash, timeout, cancellation, pickling).
-* Requests are pickled only when sent, so memory holds the work in flight, not the invocation.
+* Requests are pickled only when sent, so memory holds the work in flight, not the invocation;
+  a feed whose callbacks lag (`Owner.lagging`) is not pulled until its owner calls `resume`.
 * The manager never blocks on a busy worker: a batch is sent ahead to a busy worker only if it
   fits in the pipe's buffer.
 * If the manager thread itself fails (a bug), every running, queued and later task fails with
