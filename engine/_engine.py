@@ -164,11 +164,7 @@ class Engine:
         Returns ``{target: Result}`` for a mapping, else one Result per pair, in order.
         Raises `TimeoutError` if that takes longer than `timeout` seconds.
         """
-        invocation = self._lookup(cid)
-        if not invocation.wait_done(timeout):
-            raise TimeoutError(f"invocation {cid!r} not done after {timeout} s: "
-                               f"{invocation.progress()}")
-        return invocation.collect()
+        return self._lookup(cid).collect(timeout)
 
     def as_completed(self, cid: str, timeout: float | None = None) -> Iterator[Result]:
         """Yield the results of `cid` as they are recorded, without waiting for callbacks."""

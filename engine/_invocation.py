@@ -291,14 +291,16 @@ class Invocation:
         """Under `_cond`: mark each record's target as having its result. None if every one is
         fresh, else which are: a second result for a target is a bug of the engine (logged, then
         dropped). A run of consecutive indices, as a list's batch is, is checked in C."""
-        indices = list(map(_BY_INDEX, records))
+        indices: Sequence[int] = records.indices if isinstance(records, Responses) \
+            else list(map(_BY_INDEX, records))
         if not indices:
             return None
         recorded, first, count = self._recorded, indices[0], len(indices)
         if len(recorded) < first + count:
             recorded.extend(bytes(max(first + count - len(recorded), len(recorded))))
-        if indices[-1] == first + count - 1 and recorded.find(1, first, first + count) < 0 \
-                and indices == list(range(first, first + count)):
+        run = range(first, first + count)
+        if indices[-1] == run[-1] and recorded.find(1, first, first + count) < 0 \
+                and (indices == run if isinstance(indices, range) else list(indices) == list(run)):
             recorded[first:first + count] = b"\1" * count
             return None
         keep = []
@@ -377,35 +379,45 @@ class Invocation:
 
     def progress(self) -> str:
         with self._cond:
-            total = "?" if self.total is None else self.total
-            return (f"{self._count} of {total} results, {self._pending_callbacks} callbacks "
-                    f"pending, {self.phase.value}")
+            return self._progress()
 
-    def collect(self) -> dict[Any, Result] | list[Result]:
-        """``{target: Result}`` for a mapping, else one Result per pair in the order given."""
-        with self._cond:
-            chunks = list(self._chunks)
-        ordered = as_results(itertools.chain.from_iterable(chunks))  # a Result each, nothing more
-        ordered.sort(key=_BY_INDEX)
+    def _progress(self) -> str:
+        total = "?" if self.total is None else self.total
+        return (f"{self._count} of {total} results, {self._pending_callbacks} callbacks "
+                f"pending, {self.phase.value}")
+
+    def collect(self, timeout: float | None) -> dict[Any, Result] | list[Result]:
+        """Once every result is in and every callback finished: ``{target: Result}`` for a
+        mapping, else one Result per pair in the order given. Results are made while the
+        targets still run, not all at once after the last one."""
+        made: list[Result] = []
+        for chunk in self._landing(timeout, lambda: self.phase is Phase.DONE):
+            made += as_results(chunk)
+        made.sort(key=_BY_INDEX)
         if self._keys is not None:
-            return dict(zip(self._keys, ordered, strict=True)) if self.keep_results else {}
-        return ordered
+            return dict(zip(self._keys, made, strict=True)) if self.keep_results else {}
+        return made
 
     def stream(self, timeout: float | None) -> Iterator[Result]:
+        for chunk in self._landing(timeout, lambda: self.phase is not Phase.RUNNING):
+            yield from as_results(chunk)
+
+    def _landing(self, timeout: float | None,
+                 over: Callable[[], bool]) -> Iterator[Responses | tuple[Record, ...]]:
+        """Each chunk of kept results as it lands, until `over()` holds (under `_cond`) and
+        every chunk was given; `TimeoutError` once `timeout` seconds have passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        position = count = 0  # chunks and results yielded
+        position = 0
         while True:
             with self._cond:
                 while position >= len(self._chunks):
-                    if self.total is not None and count >= self.total:
+                    if over():
                         return
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
-                        raise TimeoutError(f"invocation {self.cid!r}: {count} of "
-                                           f"{self.total or '?'} results after {timeout} s")
+                        raise TimeoutError(f"invocation {self.cid!r} not done after {timeout} s: "
+                                           f"{self._progress()}")
                     self._cond.wait(remaining)
                 landed = self._chunks[position:]  # all that is in: one lock for them
             position += len(landed)
-            for chunk in landed:
-                count += len(chunk)
-                yield from as_results(chunk)
+            yield from landed

@@ -75,26 +75,25 @@ class Journal:
         builtin type that any interpreter unpickles (the pool reads a batch at once)."""
         start = self._end
         if value is None:
-            head, body = _ID_NONE, b""
+            middle = start + _ID_NONE.size
+            if middle + _REST.size > self.size:
+                return False
+            _ID_NONE.pack_into(self._map, start, _LONG1, 8, task_id, _NONE)
         elif type(value) is int and -0x80000000 <= value < 0x80000000:
-            head, body = _ID_INT, b""
+            middle = start + _ID_INT.size
+            if middle + _REST.size > self.size:
+                return False
+            _ID_INT.pack_into(self._map, start, _LONG1, 8, task_id, _BININT, value)
         else:
-            head, body = _ID, pickle.dumps(value, 3)[2:-1]
-        middle = start + head.size + len(body)
-        end = middle + _REST.size
-        if end > self.size:
-            return False
-        if head is _ID_INT:
-            head.pack_into(self._map, start, _LONG1, 8, task_id, _BININT, value)
-        elif head is _ID_NONE:
-            head.pack_into(self._map, start, _LONG1, 8, task_id, _NONE)
-        else:
-            head.pack_into(self._map, start, _LONG1, 8, task_id)
-            self._map[start + head.size:middle] = body
+            body = pickle.dumps(value, 3)[2:-1]
+            middle = start + _ID.size + len(body)
+            if middle + _REST.size > self.size:
+                return False
+            _ID.pack_into(self._map, start, _LONG1, 8, task_id)
+            self._map[middle - len(body):middle] = body
         _REST.pack_into(self._map, middle, _BININT1, status, _BINFLOAT, started, _BINFLOAT,
                         finished)
-        self._committed[0] = end
-        self._end = end
+        self._end = self._committed[0] = middle + _REST.size
         return True
 
     def pending(self) -> memoryview | None:

@@ -29,10 +29,10 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._context import _current
+from ._context import BatchCursor, _current
 from ._exceptions import RemoteError, SerializationError
 from ._journal import Journal
 from ._pipe import Pipe
@@ -170,21 +170,31 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
     fns: list[Any] = [None] * len(fn_blobs)
     for position in set(positions):  # a part of a batch may not use all of its functions
         fns[position] = _function(fn_blobs[position], names[positions.index(position)], functions)
-    now, set_context, reset_context = time.time, _current.set, _current.reset
+    cursor = BatchCursor(prefix, names, indices, first_id)
+    token = _current.set(cursor)
+    try:
+        _run_tasks(cursor, zip(task_ids, positions, requests, strict=True), fns, flush_each,
+                   reporter)
+    finally:
+        _current.reset(token)
+    reporter.flush()
+
+
+def _run_tasks(cursor: BatchCursor, tasks: Iterator[tuple[int, int, Any]], fns: list[Any],
+               flush_each: bool, reporter: _Reporter) -> None:
+    """Run (task id, function position, request) triples in order, and report each outcome."""
+    now = time.time
     journal_append, last_flush = reporter.journal.append, now()
-    for task_id, position, name, index, request in zip(task_ids, positions, names, indices,
-                                                       requests, strict=True):
+    for task_id, position, request in tasks:
+        cursor.task_id = task_id
         started = now()
-        token = set_context((*prefix, name, index))
         try:
             response = fns[position](request)
         except BaseException as exc:
             finished = now()
-            reset_context(token)
             reporter.report(task_id, FAILED, started, finished, _failure(_own(exc)))
         else:
             finished = now()
-            reset_context(token)
             if type(response) in _PLAIN:
                 if not journal_append(task_id, OK, started, finished, response):
                     reporter.report(task_id, OK, started, finished, response)
@@ -192,7 +202,8 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
                 try:
                     body = _dumps(response)
                 except BaseException as exc:
-                    error = SerializationError(name, "response", f"{type(exc).__name__}: {exc}")
+                    error = SerializationError(cursor.names[task_id - cursor.first_id],
+                                               "response", f"{type(exc).__name__}: {exc}")
                     reporter.report(task_id, FAILED, started, finished, _failure(error))
                 else:
                     if isinstance(body, bytes):
@@ -202,7 +213,6 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
         if flush_each or finished - last_flush >= FLUSH_INTERVAL:
             reporter.flush()
             last_flush = finished
-    reporter.flush()
 
 
 def _function(blob: bytes, name: str, functions: dict[bytes, Any]) -> Callable[[Any], Any]:
@@ -260,7 +270,7 @@ _PLAIN = {type(None), bool, int, float, complex, str}
 def _own(exc: BaseException) -> BaseException:
     """Drop this module's frame, so the traceback starts in the target's own code."""
     tb = exc.__traceback__
-    if tb is not None and tb.tb_frame.f_code is run_batch.__code__ and tb.tb_next is not None:
+    if tb is not None and tb.tb_frame.f_code is _run_tasks.__code__ and tb.tb_next is not None:
         exc.__traceback__ = tb.tb_next
     return exc
 

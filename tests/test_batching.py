@@ -97,3 +97,14 @@ def test_batches_mix_functions_and_keep_the_order_of_indexes(engine: Engine) -> 
     assert [r.index for r in results] == list(range(COUNT))
     assert [r.response for r in results] == [2 * i if i % 3 else i for i in range(COUNT)]
     assert batched(results)
+
+
+def test_each_target_of_a_batch_sees_its_own_context(engine: Engine) -> None:
+    """A worker sets the context once per batch and moves it to each target in turn."""
+    pairs = [(targets.context, None)] * COUNT + [(targets.echo, "other")]
+    results = engine.wait(engine.invoke(pairs, source="batch"), timeout=60)
+    assert batched(results[:COUNT])
+    contexts = [r.response for r in results[:COUNT]]
+    assert [(c.index, c.target, c.source) for c in contexts] == \
+        [(index, "targets:context", "batch") for index in range(COUNT)]
+    assert engine.wait(engine.invoke([(targets.context, None)]), timeout=30)[0].response.index == 0
