@@ -256,7 +256,7 @@ class Engine:
             timeout=self._default_timeout if timeout is None else timeout,
             retries=retries, retry_on=retry_on, keep_results=keep_results,
             on_target=callbacks_on_target, on_final=callbacks_on_final,
-            callbacks=self._callbacks, retire=self._retire, resume=self._pool.resume)
+            callbacks=self._callbacks, retire=self._retire, pool=self._pool)
         if total is not None:  # bad input fails here, before anything starts
             for target in _distinct(target for target, _ in items):
                 invocation.resolve(target)

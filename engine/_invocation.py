@@ -6,6 +6,7 @@ import enum
 import itertools
 import logging
 import operator
+import os
 import pickle
 import threading
 import time
@@ -19,7 +20,7 @@ from ._callbacks import Callback, CallbackPool
 from ._context import CallContext, Channel
 from ._exceptions import SerializationError, TargetCancelledError
 from ._names import Registry
-from ._pool import Batch, Pace
+from ._pool import Batch, Pace, TargetPool
 from ._result import (
     Outcome,
     Record,
@@ -88,7 +89,7 @@ class Invocation:
                  keep_results: bool,
                  on_target: list[NamedCallback], on_final: list[NamedCallback],
                  callbacks: CallbackPool, retire: Callable[[Invocation], None],
-                 resume: Callable[[], None]) -> None:
+                 pool: TargetPool) -> None:
         self.cid, self.source, self.channel = cid, source, channel
         self.prefix = (channel.value, cid, source)
         self.req_ts = time.time()
@@ -100,7 +101,7 @@ class Invocation:
         self._keys = keys  # the mapping's keys, for wait(); None for pairs
         self._registry = registry
         self._resolved: dict[Any, tuple[str, bytes | SerializationError]] = {}
-        self._callbacks, self._retire, self._resume = callbacks, retire, resume
+        self._callbacks, self._retire, self._pool = callbacks, retire, pool
         self._feed_lock = threading.Lock()
         self._cond = threading.Condition()
         self._pulled = 0
@@ -115,6 +116,7 @@ class Invocation:
         self._count = 0
         self._data: list[tuple[dict[str, Any], ...]] = []  # fan-in payloads, likewise
         self._pending_callbacks = 0
+        self._wakers: list[_Waker] = []  # threads waiting for news in `poll`, not on `_cond`
         self.phase = Phase.RUNNING
         self.cancelled = False
 
@@ -272,7 +274,7 @@ class Invocation:
             self._pending_callbacks += len(self.on_target) * len(records)
             all_done = self._all_targets_done()
             if not all_done:
-                self._cond.notify_all()
+                self._notify()
         if self.on_target:
             channel = _CHANNELS[self.channel][0].value
             shared = len(self.on_target) + bool(self.on_final) > 1  # each gets its own copy
@@ -285,7 +287,7 @@ class Invocation:
         if all_done:
             self._finish_targets()
             with self._cond:  # the last results, told once their bookkeeping is done
-                self._cond.notify_all()
+                self._notify()
 
     def _mark_recorded(self, records: Records) -> list[bool] | None:
         """Under `_cond`: mark each record's target as having its result. None if every one is
@@ -322,6 +324,8 @@ class Invocation:
             all_done = self._all_targets_done()
         if all_done:
             self._finish_targets()
+            with self._cond:
+                self._notify()
 
     def _all_targets_done(self) -> bool:
         """Under `_cond`: True exactly once, when the last result is in and the total known."""
@@ -357,6 +361,12 @@ class Invocation:
         caller streaming its results with `as_completed` from a callback is ever held up."""
         return not self.keep_results and self._pending_callbacks > CALLBACK_BACKLOG
 
+    def _notify(self) -> None:
+        """Under `_cond`: wake every thread waiting for news of this invocation."""
+        self._cond.notify_all()
+        for waker in self._wakers:
+            waker.set()
+
     def _callback_done(self, count: int = 1) -> None:
         with self._cond:
             before = self._pending_callbacks
@@ -365,9 +375,9 @@ class Invocation:
             done = self.phase is Phase.CALLBACKS and not self._pending_callbacks
             if done:
                 self.phase = Phase.DONE
-                self._cond.notify_all()
+                self._notify()
         if caught_up:
-            self._resume()
+            self._pool.resume()
         if done:
             self._retire(self)
 
@@ -417,7 +427,69 @@ class Invocation:
                     if remaining is not None and remaining <= 0:
                         raise TimeoutError(f"invocation {self.cid!r} not done after {timeout} s: "
                                            f"{self._progress()}")
-                    self._cond.wait(remaining)
+                    self._wait(remaining)
                 landed = self._chunks[position:]  # all that is in: one lock for them
             position += len(landed)
             yield from landed
+
+    def _wait(self, timeout: float | None) -> None:
+        """Under `_cond`: wait for news. If the pool lends this thread the pipes of the workers
+        running this invocation's last tasks, it waits on them and receives their outcomes
+        itself (its result then needs no other thread); on the condition otherwise."""
+        waker = _Waker.of_this_thread()  # (first: once lent, nothing may fail before the poll)
+        loan = self._pool.lend(self)
+        if loan is None:
+            self._cond.wait(timeout)
+            return
+        self._wakers.append(waker)  # any other news wakes it
+        self._cond.release()
+        ready: list[int] = []
+        try:
+            ready = loan.wait(waker.fd, timeout)
+        finally:
+            try:
+                self._pool.give_back(loan, ready)
+            finally:
+                self._cond.acquire()
+                self._wakers.remove(waker)
+                if waker.fd in ready:
+                    waker.clear()
+
+
+class _Waker:
+    """A pipe that wakes a thread waiting in `poll`, which a condition variable cannot; one per
+    thread, made when it first waits so, closed when the thread ends."""
+
+    _local = threading.local()
+
+    def __init__(self) -> None:
+        self._thread = threading.get_ident()
+        self.fd, self._write = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._write, False)
+
+    @classmethod
+    def of_this_thread(cls) -> _Waker:
+        waker: _Waker | None = getattr(cls._local, "waker", None)
+        if waker is None:
+            waker = cls._local.waker = cls()
+        return waker
+
+    def set(self) -> None:
+        if threading.get_ident() == self._thread:
+            return  # its own thread is not waiting: it is the one telling the news
+        try:
+            os.write(self._write, b"\0")
+        except BlockingIOError:
+            pass  # full: it is set anyway
+
+    def clear(self) -> None:
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+        os.close(self._write)

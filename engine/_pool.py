@@ -50,11 +50,12 @@ import math
 import operator
 import os
 import pickle
+import select
 import selectors
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Protocol, cast
 
 import cloudpickle
@@ -158,7 +159,7 @@ Deliver = Callable[[Owner, Records], None]  #: an owner's results, in the order 
 
 class _Worker:
     __slots__ = ("process", "tasks", "outcomes", "journal", "pid", "ready", "inflight", "held",
-                 "gone", "head_since", "deadline", "tasks_run", "last_rss", "growth",
+                 "gone", "lent", "head_since", "deadline", "tasks_run", "last_rss", "growth",
                  "start_error")
 
     def __init__(self, process: WorkerProcess) -> None:
@@ -169,6 +170,7 @@ class _Worker:
         self.inflight: collections.deque[Batch] = collections.deque()  # sent, in run order
         self.held: tuple[Batch, bytes] | None = None  # a batch waiting for it to be idle
         self.gone = False  # its task pipe is broken: it is dying, its sentinel will say so
+        self.lent = False  # a waiting caller's thread watches its outcome pipe, not the manager
         self.head_since = 0.0  # epoch seconds when inflight[0] started (at the latest)
         self.deadline: float | None = None  # monotonic seconds, for inflight[0]
         self.tasks_run = 0
@@ -192,6 +194,22 @@ class _Worker:
             return int(psutil.Process(self.pid).memory_info().rss)
         except (psutil.Error, ValueError):
             return 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Loan:
+    """Workers whose outcome pipes a waiting caller's thread watches instead of the manager."""
+
+    workers: list[_Worker]
+    fds: list[int]  #: their outcome pipes and process sentinels
+
+    def wait(self, wake: int, timeout: float | None) -> list[int]:
+        """Until one of the workers reports or exits, `wake` is readable, or `timeout` passed:
+        the descriptors that are ready."""
+        poller = select.poll()
+        for fd in (wake, *self.fds):
+            poller.register(fd, select.POLLIN)
+        return [fd for fd, _ in poller.poll(None if timeout is None else math.ceil(timeout * 1e3))]
 
 
 @dataclasses.dataclass(slots=True)
@@ -300,6 +318,67 @@ class TargetPool:
                 or not any(w.inflight for w in self._workers):
             self._wake()  # a new deadline to time, memory to watch, or no outcome to wake it
 
+    def lend(self, owner: Owner) -> Loan | None:
+        """Lend the outcome pipes of the workers running `owner`'s last tasks to the calling
+        thread, which waits for them: their outcomes are then received in the thread that waits
+        for them, without waking the manager thread and handing the GIL over to it (a sixth of a
+        round trip). None if not now: the manager is busy, `owner` has tasks not yet sent, or
+        none running. Never blocks. Each loan ends with `give_back`."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            if not self._accepting or self._closing or self._broken is not None \
+                    or owner in self._feeds or any(b.owner is owner for b in self._requeued):
+                return None
+            lent = [w for w in self._workers if not w.lent and not w.gone
+                    and any(batch.owner is owner for batch in w.inflight)]
+            if not lent:
+                return None
+            for worker in lent:
+                self._selector.unregister(worker.outcomes)
+                worker.lent = True
+            fds = [fd for w in lent for fd in (w.outcomes.fileno(), w.process.sentinel)]
+            return Loan(lent, fds)
+        finally:
+            self._lock.release()
+
+    def give_back(self, loan: Loan, ready: Collection[int]) -> None:
+        """End a loan: receive here what its workers sent (the `ready` descriptors), as the
+        manager would, and let it watch them again; it is woken only if it has something to do
+        (any further message wakes it as usual)."""
+        with self._lock:
+            try:
+                for worker in loan.workers:
+                    worker.lent = False
+                    if worker not in self._workers:
+                        continue  # reaped meanwhile, by the manager
+                    # (polled again: the manager may have drained it meanwhile, to kill it)
+                    if worker.outcomes.fileno() in ready and worker.outcomes.poll() \
+                            and not self._receive(worker):
+                        worker.gone = True  # it died: the manager reaps it
+                    if worker.process.sentinel in ready:
+                        worker.gone = True  # it exited: not lent again meanwhile
+                    if worker in self._workers:  # (not retired just now)
+                        self._selector.register(worker.outcomes, selectors.EVENT_READ,
+                                                ("outcome", worker))
+            except BaseException as exc:  # a bug, or Ctrl-C: what was read may be lost
+                logger.critical("engine failed to receive outcomes; failing every pending "
+                                "target", exc_info=True)
+                self._broken = (EngineBrokenError, "receiving outcomes failed (see the log)")
+                if not isinstance(exc, Exception):
+                    raise  # the pool fails everything, and the interrupt goes on
+            finally:
+                if self._manager_needed():
+                    self._wake()
+        self._deliver_taken()
+
+    def _manager_needed(self) -> bool:
+        """Under `_lock`: whether the manager has something to do beyond waiting for events."""
+        return bool(self._feeds or self._requeued or self._spills_read or self._closing
+                    or self._broken is not None or len(self._workers) < self._size
+                    or self._limits.max_memory_per_worker is not None
+                    or any(w.deadline is not None or w.held is not None for w in self._workers))
+
     def resume(self) -> None:
         """A feed that lagged behind its callbacks may be pulled again."""
         self._wake()
@@ -403,7 +482,8 @@ class TargetPool:
             elif kind == "retired":
                 self._retiring.remove(worker)
                 self._release(worker)
-            elif kind == "exit" or (worker in self._workers and not self._receive(worker)):
+            elif kind == "exit" or (worker in self._workers and worker.outcomes.poll()
+                                    and not self._receive(worker)):
                 exits.append(worker)  # reaped after the outcomes: a worker may send, then exit
         for worker in exits:
             if worker in self._workers:
@@ -602,7 +682,7 @@ class TargetPool:
         """Replace a healthy worker: it is told to stop, and reaped when it has exited."""
         self._workers.remove(worker)
         self._retiring.append(worker)
-        self._selector.unregister(worker.outcomes)  # it has nothing more to say
+        self._unwatch(worker.outcomes)  # it has nothing more to say
         self._selector.modify(worker.process.sentinel, selectors.EVENT_READ, ("retired", worker))
         self.stats.workers_recycled += 1
         self._publish_pids()
@@ -713,13 +793,16 @@ class TargetPool:
         """Reap a worker that has exited or been killed, close its pipes and files; its exit
         code."""
         for handle in (worker.outcomes, worker.process.sentinel):
-            try:
-                self._selector.unregister(handle)
-            except KeyError:
-                pass  # a retired worker's outcomes are no longer watched
+            self._unwatch(handle)
         exitcode = worker.process.join(_STOP_GRACE)
         worker.process.close()
         return exitcode
+
+    def _unwatch(self, handle: Any) -> None:
+        try:
+            self._selector.unregister(handle)
+        except KeyError:
+            pass  # a retired worker's outcomes, or a lent one's, are not watched
 
     def _publish_pids(self) -> None:
         self.pids = tuple(w.pid for w in self._workers if w.pid is not None)

@@ -1,0 +1,112 @@
+"""A caller waiting for the last targets of its invocation receives their outcomes itself.
+
+While it waits, the pool lends it the outcome pipes of the workers running them (the manager
+stops watching those): a result then reaches its caller without waking the manager thread.
+Whatever else happens meanwhile (other invocations, deaths, cancellations, a second waiter)
+must still reach everyone, and nothing may hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import pytest
+import targets
+
+from engine import Engine, TargetCancelledError, WorkerCrashedError
+from engine._pool import Loan, TargetPool
+
+
+def test_a_waiting_caller_receives_its_own_results(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    receivers: list[str] = []
+    receive = TargetPool._receive
+
+    def noting_receive(pool: TargetPool, worker: Any) -> bool:
+        receivers.append(threading.current_thread().name)
+        return receive(pool, worker)
+
+    engine.wait(engine.invoke([(targets.echo, 0)] * 4), timeout=30)  # every worker serving
+    monkeypatch.setattr(TargetPool, "_receive", noting_receive)
+    # Targets of 50 ms: the caller surely waits before they finish. (A quicker one may finish
+    # before its caller waits: the manager, woken first, then receives it as it always did.)
+    for _ in range(5):
+        assert engine.wait(engine.invoke([(targets.sleep, 0.05)]), timeout=30)[0].ok
+    (streamed,) = engine.as_completed(engine.invoke([(targets.sleep, 0.05)]), timeout=30)
+    assert streamed.ok
+    # (the manager may still take one now and then: it was busy when the caller looked)
+    assert receivers.count(threading.current_thread().name) >= 4, receivers
+
+
+def test_other_invocations_run_while_a_caller_waits(engine: Engine) -> None:
+    slow = engine.invoke([(targets.sleep, 0.5)])
+    waited: list[Any] = []
+    waiter = threading.Thread(target=lambda: waited.extend(engine.wait(slow, timeout=30)))
+    waiter.start()
+    time.sleep(0.1)  # it waits, the sleeping target's worker lent to it
+    results = engine.wait(engine.invoke([(targets.double, i) for i in range(300)]), timeout=30)
+    assert [r.response for r in results] == [2 * i for i in range(300)]
+    waiter.join(30)
+    assert not waiter.is_alive() and len(waited) == 1 and waited[0].ok
+
+
+def test_a_worker_killed_while_its_caller_waits_fails_only_that_target(engine: Engine) -> None:
+    engine.wait(engine.invoke([(targets.echo, 0)] * 4), timeout=30)
+    pids = engine.stats().worker_pids
+    cid = engine.invoke([(targets.sleep, 30)])
+    killer = threading.Timer(0.3, lambda: [os.kill(pid, signal.SIGKILL) for pid in pids])
+    killer.start()
+    start = time.monotonic()
+    (result,) = engine.wait(cid, timeout=30)
+    assert isinstance(result.exception, WorkerCrashedError)
+    assert time.monotonic() - start < 10
+    assert engine.wait(engine.invoke([(targets.double, 4)]), timeout=30)[0].response == 8
+
+
+def test_a_cancel_from_another_thread_reaches_a_waiting_caller(engine: Engine) -> None:
+    cid = engine.invoke([(targets.sleep, 30)] * 2)
+    canceller = threading.Timer(0.3, engine.cancel, args=(cid,))
+    canceller.start()
+    start = time.monotonic()
+    results = engine.wait(cid, timeout=30)
+    assert all(isinstance(r.exception, TargetCancelledError) for r in results)
+    assert time.monotonic() - start < 10
+
+
+def test_two_threads_waiting_for_one_invocation_both_get_everything(engine: Engine) -> None:
+    cid = engine.invoke([(targets.sleep, 0.3), (targets.sleep, 0.4)])
+    streamed: list[Any] = []
+    streamer = threading.Thread(
+        target=lambda: streamed.extend(engine.as_completed(cid, timeout=30)))
+    streamer.start()
+    results = engine.wait(cid, timeout=30)
+    streamer.join(30)
+    assert [r.ok for r in results] == [True, True]
+    assert sorted(r.index for r in streamed) == [0, 1]
+
+
+def test_a_wait_that_times_out_hands_its_workers_back_to_the_manager(engine: Engine) -> None:
+    cid = engine.invoke([(targets.sleep, 0.3)])
+    with pytest.raises(TimeoutError):
+        engine.wait(cid, timeout=0.05)
+    # Nobody waits now: only the manager can receive the outcome and finish the invocation.
+    deadline = time.monotonic() + 30
+    while engine.stats().invocations_active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.stats().invocations_active == 0
+    assert engine.wait(cid, timeout=0)[0].ok
+
+
+def test_news_from_another_thread_wakes_a_caller_waiting_on_its_loan(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manager (or a canceller) may deliver results of an invocation whose caller waits on
+    a loan: each delivery wakes it. Here every loan lends nothing, so only that can."""
+    monkeypatch.setattr(TargetPool, "lend", lambda pool, owner: Loan([], []))
+    monkeypatch.setattr(TargetPool, "give_back", lambda pool, loan, ready: None)
+    start = time.monotonic()
+    (result,) = engine.wait(engine.invoke([(targets.sleep, 0.2)]), timeout=20)
+    assert result.ok and time.monotonic() - start < 10
