@@ -54,7 +54,7 @@ class CallbackPool:
     """Runs each submitted callback once, in isolation: one that raises is logged and counted.
 
     Jobs wait in one deque that every thread takes from; a burst of jobs wakes as many sleeping
-    threads as it needs, at once, instead of one wake-up per job.
+    threads as it needs, at once, instead of one wake-up per job, and starts more (see `_grow`).
     """
 
     def __init__(self, max_workers: int, executor: concurrent.futures.Executor | None = None):
@@ -85,12 +85,21 @@ class CallbackPool:
         self._jobs.extend((job, queued) for job in jobs)
         with self._lock:
             self._wake.notify(min(len(jobs), self._sleeping))
-            wanted = min(len(jobs) - self._sleeping, self._max_workers - len(self._threads))
-            for _ in range(max(0, wanted)):
-                thread = threading.Thread(target=self._serve, daemon=True,
-                                          name=f"engine-callback-{len(self._threads)}")
-                self._threads.append(thread)
-                thread.start()
+        self._grow()
+
+    def _grow(self) -> None:
+        """Start one more thread if jobs wait, no thread sleeps and the limit allows. One at a
+        time: `Thread.start` waits until the new thread runs, which takes a GIL switch interval
+        (5 ms) while other threads run callbacks; so each new thread starts the next one, and
+        the thread that submits (the one recording results) waits for one start at most."""
+        with self._lock:
+            if not self._jobs or self._sleeping or self._stopping \
+                    or len(self._threads) >= self._max_workers:
+                return
+            thread = threading.Thread(target=self._serve, daemon=True,
+                                      name=f"engine-callback-{len(self._threads)}")
+            self._threads.append(thread)
+        thread.start()
 
     def owns_current_thread(self) -> bool:
         """True on one of this pool's threads: a callback must not wait for its own pool."""
@@ -112,6 +121,7 @@ class CallbackPool:
         return self.running()
 
     def _serve(self) -> None:
+        self._grow()
         ident = threading.get_ident()
         while True:
             try:
