@@ -45,9 +45,12 @@ class BatchCursor:
         self.prefix, self.names, self.indices = prefix, names, indices
         self.first_id = self.task_id = first_id  #: task_id: the target running now
 
+    @property
+    def target(self) -> str:
+        return self.names[self.task_id - self.first_id]
+
     def context(self) -> tuple[Any, ...]:
-        k = self.task_id - self.first_id
-        return (*self.prefix, self.names[k], self.indices[k])
+        return (*self.prefix, self.target, self.indices[self.task_id - self.first_id])
 
 
 # A plain tuple (a callback's) or a worker's cursor, made a CallContext only when asked for.

@@ -202,8 +202,8 @@ def _run_tasks(cursor: BatchCursor, tasks: Iterator[tuple[int, int, Any]], fns: 
                 try:
                     body = _dumps(response)
                 except BaseException as exc:
-                    error = SerializationError(cursor.names[task_id - cursor.first_id],
-                                               "response", f"{type(exc).__name__}: {exc}")
+                    error = SerializationError(cursor.target, "response",
+                                               f"{type(exc).__name__}: {exc}")
                     reporter.report(task_id, FAILED, started, finished, _failure(error))
                 else:
                     if isinstance(body, bytes):
