@@ -35,6 +35,7 @@ from ._result import (
 logger = logging.getLogger("engine")
 _NOTHING = object()
 _BY_INDEX = operator.itemgetter(2)  # a Result's index
+_TARGET, _REQUEST = operator.itemgetter(0), operator.itemgetter(1)  # of a (target, request) pair
 #: On-target callbacks of one invocation waiting or running, past which no more of its targets
 #: are sent (`keep_results=False`): memory then holds the work in flight, not every payload of
 #: a stream whose callbacks lag.
@@ -151,7 +152,7 @@ class Invocation:
         if not pairs:
             return None
         first, count = pairs[0][0], len(pairs)
-        if [target for target, _ in pairs].count(first) < count:
+        if list(map(_TARGET, pairs)).count(first) < count:  # (in C: no Python code a pair)
             return self._batch([(index, *pair) for index, pair in enumerate(pairs, start)])
         name, blob = self.resolve(first)
         if isinstance(blob, BaseException):
@@ -159,7 +160,7 @@ class Invocation:
                              for index in range(start, start + count)])
             return None
         return Batch(self, range(start, start + count), [name] * count, [blob], [0] * count,
-                     [request for _, request in pairs])
+                     list(map(_REQUEST, pairs)))
 
     def _batch(self, pulled: list[tuple[int, Any, Any]]) -> Batch | None:
         """The batch of (index, target, request) triples; the targets that fail are recorded."""
