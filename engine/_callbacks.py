@@ -88,12 +88,13 @@ class CallbackPool:
         self._grow()
 
     def _grow(self) -> None:
-        """Start one more thread if jobs wait, no thread sleeps and the limit allows. One at a
-        time: `Thread.start` waits until the new thread runs, which takes a GIL switch interval
-        (5 ms) while other threads run callbacks; so each new thread starts the next one, and
-        the thread that submits (the one recording results) waits for one start at most."""
+        """Start one more thread if more jobs wait than threads sleep (woken or not), and the
+        limit allows. One at a time: `Thread.start` waits until the new thread runs, which takes
+        a GIL switch interval (5 ms) while other threads run callbacks; so a thread that starts
+        or wakes to a backlog starts the next one, and the thread that submits (the one
+        recording results) waits for one start at most."""
         with self._lock:
-            if not self._jobs or self._sleeping or self._stopping \
+            if len(self._jobs) <= self._sleeping or self._stopping \
                     or len(self._threads) >= self._max_workers:
                 return
             thread = threading.Thread(target=self._serve, daemon=True,
@@ -121,8 +122,7 @@ class CallbackPool:
         return self.running()
 
     def _serve(self) -> None:
-        self._grow()
-        ident = threading.get_ident()
+        ident, woken = threading.get_ident(), True
         while True:
             try:
                 job, queued = self._jobs.popleft()
@@ -134,7 +134,11 @@ class CallbackPool:
                         self._sleeping -= 1
                     if not self._jobs:
                         return  # stopping, and nothing is left to run
+                woken = True
                 continue
+            if woken:  # started or woken by a burst, which may need another thread
+                self._grow()
+                woken = False
             lag = time.monotonic() - queued
             if lag > self.stats.max_lag:
                 self.stats.max_lag = lag

@@ -71,6 +71,21 @@ def test_callbacks_run_concurrently_on_the_callback_pool(engine: Engine) -> None
     assert slow.most_at_once == 4
 
 
+def test_a_burst_while_threads_sleep_still_grows_the_pool_to_its_limit() -> None:
+    from engine._callbacks import CallbackPool
+
+    pool = CallbackPool(4)
+    done = threading.Semaphore(0)
+    pool.submit([(Recorder(), "quick", {}, ("channel", "cid"), done.release)])
+    assert done.acquire(timeout=10)
+    time.sleep(0.1)  # its one thread sleeps now
+    slow = Recorder(delay=0.2)
+    pool.submit([(slow, "slow", {}, ("channel", "cid"), done.release)] * 8)
+    assert all(done.acquire(timeout=10) for _ in range(8))
+    assert pool.shutdown(timeout=10) == []
+    assert slow.most_at_once == 4
+
+
 def test_a_raising_callback_is_logged_counted_and_harms_nothing(
         engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     good = Recorder()
