@@ -100,7 +100,13 @@ class CallbackPool:
             thread = threading.Thread(target=self._serve, daemon=True,
                                       name=f"engine-callback-{len(self._threads)}")
             self._threads.append(thread)
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # no more threads in this process: the others serve the backlog
+            with self._lock:
+                self._threads.remove(thread)
+            logger.error("engine could not start a callback thread (%d running)",
+                         len(self._threads), exc_info=True)
 
     def owns_current_thread(self) -> bool:
         """True on one of this pool's threads: a callback must not wait for its own pool."""

@@ -9,6 +9,7 @@ first message, so targets import in the worker as they do in the caller.
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import subprocess
@@ -103,11 +104,14 @@ class WorkerProcess:
             return _read(self.spill, sizes[0], 0)
         body, offset, buffers = _read(self.spill, sizes[0], 0), sizes[0], []
         for size in sizes[1:]:
-            buffer = bytearray(size)
-            view, done = memoryview(buffer), 0
-            while done < size:
-                count = os.preadv(self.spill, [view[done:]], offset + done)
-                done += count if count else _short()
+            # Anonymous memory, not a bytearray: that would be zeroed first, a pass over every
+            # page before the copy (15 of 55 ms for 50 MB here). An array made on it owns it.
+            buffer = mmap.mmap(-1, size)
+            with memoryview(buffer) as view:
+                done = 0
+                while done < size:
+                    count = os.preadv(self.spill, [view[done:]], offset + done)
+                    done += count if count else _short()
             buffers.append(buffer)
             offset += size
         return pickle.loads(body, buffers=buffers)

@@ -200,6 +200,11 @@ def large(kind_and_size: tuple[str, int]) -> Any:
         return {"parts": [data[: size // 2], data[size // 2:]], "size": size}
     if kind == "str":  # a builtin scalar: a journal entry's value itself, when it fits there
         return data.decode("latin-1")
+    if kind == "numpy":  # out-of-band buffers (pickle protocol 5)
+        import numpy
+
+        return {"array": numpy.arange(size // 8, dtype=numpy.float64).reshape(2, -1),
+                "small": numpy.ones(3)}
     return data
 
 

@@ -86,6 +86,29 @@ def test_a_burst_while_threads_sleep_still_grows_the_pool_to_its_limit() -> None
     assert slow.most_at_once == 4
 
 
+def test_when_no_more_threads_start_the_running_ones_serve_the_backlog(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from engine._callbacks import CallbackPool
+
+    start = threading.Thread.start
+    started = []
+
+    def start_one(thread: threading.Thread) -> None:
+        if started:
+            raise RuntimeError("can't start new thread")
+        started.append(thread)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_one)
+    pool = CallbackPool(4)
+    done = threading.Semaphore(0)
+    slow = Recorder(delay=0.01)
+    pool.submit([(slow, "slow", {}, ("channel", "cid"), done.release)] * 8)
+    assert all(done.acquire(timeout=10) for _ in range(8))
+    assert pool.shutdown(timeout=10) == [] and len(slow.payloads) == 8
+    assert "could not start a callback thread" in caplog.text
+
+
 def test_a_raising_callback_is_logged_counted_and_harms_nothing(
         engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     good = Recorder()

@@ -27,6 +27,18 @@ def test_large_responses_arrive_whole_and_of_their_type(engine: Engine, kind: st
         assert type(result.response) is type(want) and result.response == want
 
 
+def test_large_numpy_arrays_arrive_whole_and_writable(engine: Engine) -> None:
+    numpy = pytest.importorskip("numpy")
+    results = engine.wait(engine.invoke([(targets.large, ("numpy", SIZE))] * 2), timeout=120)
+    want = expected("numpy")
+    for result in results:
+        array = result.response["array"]
+        assert numpy.array_equal(array, want["array"]) and array.dtype == want["array"].dtype
+        assert numpy.array_equal(result.response["small"], want["small"])
+        array[0, 0] = -1.0  # writable: the caller owns it
+        assert array[0, 0] == -1.0
+
+
 def test_one_worker_sends_large_responses_one_after_another() -> None:
     """Each waits until the pool has read and released the one before (after delivering it)."""
     with Engine(workers=1) as engine:
