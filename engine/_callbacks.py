@@ -1,7 +1,9 @@
 """The callback pool: callbacks run here, never on the thread that records results.
 
-Threads are started as the backlog needs them, up to a limit, and are daemons so that nothing a
-callback does can keep the interpreter from exiting; `Engine` drains them at exit instead. The
+One thread is started with the pool (so that callbacks run even where no thread may start, as
+at interpreter exit on CPython 3.12: gh-113964), more as the backlog needs them, up to a limit;
+they are daemons so that nothing a callback does can keep the interpreter from exiting;
+`Engine` drains them at exit instead. The
 standard `ThreadPoolExecutor` is not used by default because it refuses new work once the
 interpreter begins to exit, while results still arriving then must get their callbacks.
 Callbacks can also go to any `concurrent.futures.Executor` given (a process pool, say); they
@@ -69,7 +71,11 @@ class CallbackPool:
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._running: dict[int, str] = {}  # thread ident -> name of the callback it runs
+        self._cannot_grow = False  # a thread failed to start: said once
         self.stats = CallbackStats()
+        if executor is None:
+            self._threads.append(self._new_thread())
+            self._threads[0].start()
 
     def submit(self, jobs: list[Job]) -> None:
         """Queue one call of each job's callback; never blocks."""
@@ -97,16 +103,21 @@ class CallbackPool:
             if len(self._jobs) <= self._sleeping or self._stopping \
                     or len(self._threads) >= self._max_workers:
                 return
-            thread = threading.Thread(target=self._serve, daemon=True,
-                                      name=f"engine-callback-{len(self._threads)}")
+            thread = self._new_thread()
             self._threads.append(thread)
         try:
             thread.start()
-        except RuntimeError:  # no more threads in this process: the others serve the backlog
+        except RuntimeError as exc:  # none may start (exit, limits): the others serve
             with self._lock:
                 self._threads.remove(thread)
-            logger.error("engine could not start a callback thread (%d running)",
-                         len(self._threads), exc_info=True)
+                said, self._cannot_grow = self._cannot_grow, True
+            if not said:
+                logger.warning("engine could not start a callback thread (%s); %d serve the "
+                               "backlog", exc, len(self._threads))
+
+    def _new_thread(self) -> threading.Thread:
+        return threading.Thread(target=self._serve, daemon=True,
+                                name=f"engine-callback-{len(self._threads)}")
 
     def owns_current_thread(self) -> bool:
         """True on one of this pool's threads: a callback must not wait for its own pool."""

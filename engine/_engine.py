@@ -206,17 +206,23 @@ class Engine:
         if wait and self._callbacks.owns_current_thread():
             raise RuntimeError("a callback cannot shutdown(wait=True) the engine that runs it: "
                                "it would wait for itself; use shutdown(wait=False)")
+        here = False
         with self._lock:
             if self._state is EngineState.OPEN:
                 self._state = EngineState.CLOSING
                 self._closer = threading.Thread(target=self._close, args=(timeout,),
                                                 name="engine-shutdown", daemon=True)
-                self._closer.start()
+                try:
+                    self._closer.start()
+                except RuntimeError:  # no thread may start (exit on CPython 3.12): close here
+                    self._closer, here = None, True
             active = list(self._active)
             closer = self._closer
         if cancel:
             for cid in active:
                 self.cancel(cid)
+        if here:
+            self._close(timeout)
         if wait and closer is not None and closer is not threading.current_thread():
             closer.join()
 
