@@ -14,6 +14,7 @@
                                   └ then deliver(owner, results), out of the lock: record + enqueue
                                     callbacks, never waits
     add_feed of a list, while the manager waits: sends the first batches itself ──► task pipes
+    wait / as_completed, its targets all sent: polls their workers' lent pipes  ◄── outcomes
 
 Quick targets travel in batches (about `BATCH_SECONDS` of work each, sized from what the
 owner's targets took so far; one at a time until that is known, or when they are slow). A worker
@@ -22,8 +23,10 @@ runs its batch in order and writes each outcome to its journal (`engine._journal
 Invariants:
 
 * Workers, feeds and the requeue are touched under `_lock` only: by the manager thread, and by
-  a caller's thread that adds a feed while the manager waits (it sends the first batches
-  itself, which saves a wake-up). Other calls are commands to the manager. Results are queued
+  a caller's thread while the manager waits: one that adds a feed (it sends the first batches
+  itself), or one that waits for its invocation's last targets (the outcome pipes of their
+  workers are lent to it, `lend`, and it receives them itself, `give_back`); each saves the
+  manager a wake-up. Other calls are commands to the manager. Results are queued
   under the lock and delivered once it is released, after the next batches are sent: a caller
   woken by its result finds the pool free for its next invocation.
 * Each worker has its own pipes and journal; ``worker.inflight`` holds the batches sent to it in
@@ -308,11 +311,9 @@ class TargetPool:
                     self._feeds.pop()  # all sent: nothing left for the manager to pull
                     break
                 self._send(worker, batch)
-        except BaseException:  # a bug: the manager fails everything, as for its own
-            logger.critical("engine failed to dispatch; failing every pending target",
-                            exc_info=True)
-            self._broken = (EngineBrokenError, "its dispatch failed (see the log)")
+        except BaseException as exc:
             self._wake()
+            self._break("dispatch", exc)
             return
         if feed.timeout is not None or self._limits.max_memory_per_worker \
                 or not any(w.inflight for w in self._workers):
@@ -361,16 +362,22 @@ class TargetPool:
                     if worker in self._workers:  # (not retired just now)
                         self._selector.register(worker.outcomes, selectors.EVENT_READ,
                                                 ("outcome", worker))
-            except BaseException as exc:  # a bug, or Ctrl-C: what was read may be lost
-                logger.critical("engine failed to receive outcomes; failing every pending "
-                                "target", exc_info=True)
-                self._broken = (EngineBrokenError, "receiving outcomes failed (see the log)")
-                if not isinstance(exc, Exception):
-                    raise  # the pool fails everything, and the interrupt goes on
+            except BaseException as exc:
+                self._break("receive outcomes", exc)
             finally:
                 if self._manager_needed():
                     self._wake()
         self._deliver_taken()
+
+    def _break(self, what: str, exc: BaseException) -> None:
+        """Under `_lock`, in a caller's thread: its share of the manager's work failed (a bug,
+        or Ctrl-C while it ran), so the pool's state may have lost a task; the manager fails
+        every pending target, as for a failure of its own. An interrupt goes on."""
+        logger.critical("engine failed to %s in a caller's thread; failing every pending "
+                        "target", what, exc_info=True)
+        self._broken = (EngineBrokenError, f"the engine failed to {what} (see the log)")
+        if not isinstance(exc, Exception):
+            raise exc
 
     def _manager_needed(self) -> bool:
         """Under `_lock`: whether the manager has something to do beyond waiting for events."""
@@ -886,30 +893,39 @@ class TargetPool:
                 sent = True
 
     def _send(self, worker: _Worker, batch: Batch) -> None:
-        owner = batch.owner
+        """Send `batch` to `worker`: held back if the write could block, split if too large.
+        Should this fail (a bug), what was not sent is requeued, for the failure to fail it."""
         try:
-            requests = _pickled_requests(batch.requests)
-        except BaseException as exc:
-            if len(batch) > 1:  # find the culprit: each is pickled on its own
-                self._requeued.extendleft(reversed(batch.singles()))
+            while True:
+                try:
+                    requests = _pickled_requests(batch.requests)
+                except BaseException as exc:
+                    if len(batch) > 1:  # find the culprit: each is pickled on its own
+                        self._requeued.extendleft(reversed(batch.singles()))
+                        return
+                    self._fail(batch, _unpicklable_request(f"{type(exc).__name__}: {exc}"))
+                    return
+                batch.owner.pace.request_bytes = len(requests) / len(batch)
+                if len(requests) <= MAX_BATCH_BYTES or len(batch) == 1:
+                    break
+                half = len(batch) // 2  # keep one message's memory bounded
+                self._requeued.appendleft(batch.part(half))
+                batch = batch.part(0, half)
+            owner = batch.owner
+            batch.first_id, self._next_task_id = \
+                self._next_task_id, self._next_task_id + len(batch)
+            message = pickle.dumps((owner.prefix, owner.timeout is not None, batch.functions,
+                                    batch.first_id, batch.positions, batch.targets,
+                                    batch.indices, requests), protocol=pickle.HIGHEST_PROTOCOL)
+            if worker.inflight and len(message) > _PREFETCH_BYTES:
+                worker.held = (batch, message)  # a write that could block waits for an idle one
                 return
-            why = f"{type(exc).__name__}: {exc}"
-            self._fail(batch, lambda target: SerializationError(target, "request", why))
-            return
-        owner.pace.request_bytes = len(requests) / len(batch)
-        if len(requests) > MAX_BATCH_BYTES and len(batch) > 1:
-            half = len(batch) // 2  # keep one message's memory bounded
-            self._requeued.appendleft(batch.part(half))
-            self._send(worker, batch.part(0, half))
-            return
-        batch.first_id, self._next_task_id = self._next_task_id, self._next_task_id + len(batch)
-        message = pickle.dumps((owner.prefix, owner.timeout is not None, batch.functions,
-                                batch.first_id, batch.positions, batch.targets, batch.indices,
-                                requests), protocol=pickle.HIGHEST_PROTOCOL)
-        if worker.inflight and len(message) > _PREFETCH_BYTES:
-            worker.held = (batch, message)  # a write that could block waits for an idle worker
-            return
-        self._send_message(worker, batch, message)
+            self._send_message(worker, batch, message)
+        except BaseException:
+            held = worker.held is not None and worker.held[0] is batch
+            if not held and batch not in worker.inflight:
+                self._requeued.appendleft(batch)
+            raise
 
     def _unsent(self, worker: _Worker, *, running_too: bool = False) -> list[Batch]:
         """Take back what `worker` was given and has not begun (and what it runs, if asked)."""
@@ -974,6 +990,10 @@ class TargetPool:
 def _frozen(indices: Sequence[int]) -> Sequence[int]:
     """A range as it is (it holds no objects), anything else as a tuple."""
     return indices if isinstance(indices, (range, tuple)) else tuple(indices)
+
+
+def _unpicklable_request(why: str) -> Callable[[str], TargetError]:
+    return lambda target: SerializationError(target, "request", why)
 
 
 def _pickled_requests(requests: list[Any]) -> bytes:

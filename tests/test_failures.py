@@ -153,11 +153,12 @@ def test_an_idle_worker_killed_from_outside_is_replaced(engine: Engine) -> None:
     assert all(r.ok for r in results)
 
 
-@pytest.mark.parametrize("where", ["_receive", "_responses"])
+@pytest.mark.parametrize("where", ["_receive", "_responses", "_send_message"])
 def test_a_failure_of_the_engine_itself_fails_every_target_instead_of_hanging(
         where: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A bug in the manager thread, before it reads what a worker sent or after (while it makes
-    the results of outcomes it has read), fails every target rather than lose one."""
+    the results of outcomes it has read), or while a batch is sent (by the invoking thread
+    itself, here), fails every target rather than lose one."""
     from engine import EngineBrokenError
     from engine._pool import TargetPool
 
@@ -169,8 +170,8 @@ def test_a_failure_of_the_engine_itself_fails_every_target_instead_of_hanging(
             raise RuntimeError("injected bug in the manager thread")
         return original(*args)
 
-    monkeypatch.setattr(TargetPool, where, fail_once_broken if where == "_receive"
-                        else staticmethod(fail_once_broken))
+    monkeypatch.setattr(TargetPool, where, staticmethod(fail_once_broken)
+                        if where == "_responses" else fail_once_broken)
     with Engine(workers=2) as eng:
         eng.wait(eng.invoke([(targets.echo, 0)] * 2), timeout=30)
         pids = eng.stats().worker_pids
