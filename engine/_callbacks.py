@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cloudpickle
@@ -68,6 +69,7 @@ class CallbackPool:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._sleeping = 0  # threads waiting on `_wake`
+        self._blocked = 0  # threads whose callback waits for other callbacks (`waiting`)
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._running: dict[int, str] = {}  # thread ident -> name of the callback it runs
@@ -101,7 +103,7 @@ class CallbackPool:
         recording results) waits for one start at most."""
         with self._lock:
             if len(self._jobs) <= self._sleeping or self._stopping \
-                    or len(self._threads) >= self._max_workers:
+                    or len(self._threads) >= self._max_workers + self._blocked:
                 return
             thread = self._new_thread()
             self._threads.append(thread)
@@ -123,6 +125,20 @@ class CallbackPool:
         """True on one of this pool's threads: a callback must not wait for its own pool."""
         return threading.current_thread() in self._threads
 
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Around a callback's wait for other callbacks to finish (`Engine.wait` on one of this
+        pool's threads): those may be queued behind it, so while it waits one more thread may
+        serve the backlog. Surplus threads exit once the wait is over."""
+        with self._lock:
+            self._blocked += 1
+        self._grow()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._blocked -= 1
+
     def running(self) -> list[str]:
         """Names of the callbacks running now."""
         return list(self._running.values())
@@ -141,6 +157,8 @@ class CallbackPool:
     def _serve(self) -> None:
         ident, woken = threading.get_ident(), True
         while True:
+            if len(self._threads) > self._max_workers + self._blocked and self._retire():
+                return
             try:
                 job, queued = self._jobs.popleft()
             except IndexError:
@@ -164,6 +182,16 @@ class CallbackPool:
                 self._call(job)
             finally:
                 del self._running[ident]
+
+    def _retire(self) -> bool:
+        """Leave the pool if it has more threads than it may (a wait that needed one ended)."""
+        with self._lock:
+            if len(self._threads) <= self._max_workers + self._blocked:
+                return False
+            self._threads.remove(threading.current_thread())
+            if self._jobs:  # it may have been woken for one: another thread takes it
+                self._wake.notify()
+            return True
 
     def _call(self, job: Job) -> None:
         fn, _, payload, context, _ = job

@@ -21,7 +21,7 @@ from typing import Any, TypeVar, cast, overload
 import cloudpickle
 
 from ._callbacks import CallbackPool
-from ._context import Channel
+from ._context import Channel, current_context
 from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledError
 from ._invocation import Invocation, NamedCallback, Phase
 from ._names import Registry
@@ -164,7 +164,15 @@ class Engine:
         Returns ``{target: Result}`` for a mapping, else one Result per pair, in order.
         Raises `TimeoutError` if that takes longer than `timeout` seconds.
         """
-        return self._lookup(cid).collect(timeout)
+        invocation = self._lookup(cid)
+        if not self._callbacks.owns_current_thread():
+            return invocation.collect(timeout)
+        context = current_context()
+        if context is not None and context.cid == cid:
+            raise RuntimeError(f"a callback of invocation {cid!r} cannot wait for it: it would "
+                               f"wait for itself")
+        with self._callbacks.waiting():
+            return invocation.collect(timeout)
 
     def as_completed(self, cid: str, timeout: float | None = None) -> Iterator[Result]:
         """Yield the results of `cid` as they are recorded, without waiting for callbacks."""

@@ -109,6 +109,43 @@ def test_when_no_more_threads_start_the_running_ones_serve_the_backlog(
     assert caplog.text.count("could not start a callback thread") == 1
 
 
+def test_callbacks_that_wait_for_other_invocations_do_not_deadlock_the_pool() -> None:
+    """Every callback thread waits for an invocation whose own callbacks need a thread: while
+    they wait, the pool may run more threads; afterwards it shrinks back to its limit."""
+    inner = Recorder(delay=0.05)
+    with Engine(workers=2, callback_workers=2) as eng:
+
+        def chain(payload: dict) -> None:
+            results = eng.wait(eng.invoke([(targets.echo, payload["index"])], callbacks=[inner]),
+                               timeout=20)
+            assert results[0].response == payload["index"]
+
+        outer = Recorder()
+        cid = eng.invoke([(targets.echo, i) for i in range(4)], callbacks=[chain, outer])
+        eng.wait(cid, timeout=30)
+        assert eng.stats().callbacks_failed == 0
+        assert len(inner.payloads) == 4 and len(outer.payloads) == 4
+        quick = Recorder(delay=0.1)
+        eng.wait(eng.invoke([(targets.echo, i) for i in range(8)], callbacks=[quick]),
+                 timeout=30)
+        assert quick.most_at_once == 2
+
+
+def test_a_callback_waiting_for_its_own_invocation_is_refused(engine: Engine) -> None:
+    seen: list[BaseException] = []
+
+    def wait_for_self(payload: dict) -> None:
+        try:
+            engine.wait(payload["cid"], timeout=5)
+        except BaseException as exc:
+            seen.append(exc)
+
+    engine.wait(engine.fanout([(targets.echo, 1)], on_target=[wait_for_self],
+                              on_final=[wait_for_self]), timeout=30)
+    assert len(seen) == 2
+    assert all(isinstance(exc, RuntimeError) and "wait for itself" in str(exc) for exc in seen)
+
+
 def test_a_raising_callback_is_logged_counted_and_harms_nothing(
         engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     good = Recorder()
