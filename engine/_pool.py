@@ -532,10 +532,10 @@ class TargetPool:
         if message.startswith(OUTCOMES):
             self._take_outcomes(worker, read_items(message))
         elif message[:1] == LARGE:
-            task_id, status, started, finished, raw, sizes = pickle.loads(message[1:])
+            task_id, status, started, finished, raw, places = pickle.loads(message[1:])
             value: Any
             try:  # a failure's body is read as it is, and unpickled as any failure's
-                value = (True, worker.process.read_spill(raw or status != OK, sizes))
+                value = (True, worker.process.read_spill(raw or status != OK, places))
             except BaseException as exc:
                 value = (False, exc)
             finally:

@@ -65,6 +65,7 @@ class WorkerProcess:
                     os.close(fd)
         self.pid: int = self._popen.pid
         self._closed = False
+        self._copied: tuple[int, int] | None = None  # the spill's part read last: to give back
         self.tasks = Pipe(tasks_w)
         #: how many bytes the task pipe holds: what may be sent ahead without blocking
         self.pipe_bytes = _enlarge(tasks_w, 1 << 20)
@@ -97,35 +98,76 @@ class WorkerProcess:
         for fd in (self.spill, self.acks, self.sentinel):
             os.close(fd)
 
-    def read_spill(self, raw: bool, sizes: list[int]) -> object:
-        """The large response the worker wrote to its spill file, with one copy. The worker
-        writes no other until `release_spill`."""
+    def read_spill(self, raw: bool, places: list[tuple[int, int]]) -> object:
+        """The large response the worker wrote to its spill file at `places`, (offset, size)
+        each: the `bytes` response or the pickle (the first) is copied; the pickle's
+        out-of-band buffers are mapped with no copy (`_Buffer`), so a numpy array is made on
+        the pages the worker wrote. The worker writes no other response until `release_spill`."""
+        (offset, size), *buffers = places
+        self._copied = offset, size
+        data = _read(self.spill, size, offset)
         if raw:
-            return _read(self.spill, sizes[0], 0)
-        body, offset, buffers = _read(self.spill, sizes[0], 0), sizes[0], []
-        for size in sizes[1:]:
-            # Anonymous memory, not a bytearray: that would be zeroed first, a pass over every
-            # page before the copy (15 of 55 ms for 50 MB here). An array made on it owns it.
-            buffer = mmap.mmap(-1, size)
-            with memoryview(buffer) as view:
-                done = 0
-                while done < size:
-                    count = os.preadv(self.spill, [view[done:]], offset + done)
-                    done += count if count else _short()
-            buffers.append(buffer)
-            offset += size
-        return pickle.loads(body, buffers=buffers)
+            return data
+        return pickle.loads(data, buffers=[_Buffer(self.spill, length, at)
+                                           for at, length in buffers])
 
     def release_spill(self) -> None:
-        """Empty the spill file and tell the worker it may write the next response (emptying
-        50 MB takes some milliseconds: the pool does it after delivering the response)."""
+        """Free the part of the spill file read last, and tell the worker it may write the next
+        response (freeing 50 MB takes some milliseconds: the pool does it after delivering)."""
         if self._closed:
             return
-        os.ftruncate(self.spill, 0)
+        if self._copied is not None:
+            _free(self.spill, *self._copied)
+            self._copied = None
         try:
             os.write(self.acks, b"\0")
         except OSError:
             pass  # it is gone
+
+
+class _Buffer(mmap.mmap):
+    """An out-of-band buffer of a response, mapped from its worker's spill file with no copy.
+
+    The mapping is private, as memory of one's own: a write copies its page, and a child forked
+    later keeps its own view. The pages leave the file when the last object made on the buffer
+    is freed (through a second, shared mapping: only such a mapping may free a file's pages),
+    unless the process forked meanwhile, for the child may still read them: they then go with
+    the spill file, when the worker is gone and no mapping is left.
+    """
+
+    __slots__ = ("_file", "_forks")
+    _file: mmap.mmap  #: the same pages, shared: what frees them
+    _forks: int  #: `_forks` when it was made
+
+    def __new__(cls, fd: int, length: int, offset: int) -> _Buffer:
+        file = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, offset=offset)
+        self = super().__new__(cls, fd, length, flags=mmap.MAP_PRIVATE, offset=offset)
+        self._file, self._forks = file, _forks
+        return self
+
+    def __del__(self) -> None:
+        with self._file:
+            if self._forks == _forks and _REMOVE:
+                self._file.madvise(_REMOVE)
+
+
+_REMOVE = getattr(mmap, "MADV_REMOVE", 0)  # Linux: free the pages and the file's memory
+_forks = 0  #: how many times this process forked: buffers older than a fork are shared
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(before=_count_fork)
+
+
+def _free(fd: int, offset: int, size: int) -> None:
+    """Free the memory of `size` bytes of the file `fd` from `offset` (a hole remains)."""
+    if size and _REMOVE:
+        with mmap.mmap(fd, size, offset=offset) as pages:
+            pages.madvise(_REMOVE)
 
 
 def _enlarge(fd: int, size: int) -> int:

@@ -8,9 +8,9 @@ cloudpickle and tblib only once needed. It owns two pipes and a journal, created
     worker -> pool   CONTROL + pickle((READY, pid))           once, when ready to serve
                      CONTROL + pickle((START_FAILED, tb))     instead, then it exits
                      journal entries (`engine._journal`)      outcomes, in the order they ran
-                     LARGE + pickle((task id, status, started, finished, raw, sizes))
+                     LARGE + pickle((task id, status, started, finished, raw, places))
                                                               a large response, in the spill
-    pool -> acks     one byte                                  the spill was read: reuse it
+    pool -> acks     one byte                                  it was read: write the next
 
 Each outcome is committed to the journal as soon as it exists; the journal is sent when the batch
 is done, when it is full, when the targets have a time limit (the pool then knows when the next
@@ -22,6 +22,7 @@ the entry's value, so one that fails to (un)pickle fails only its own target.
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import signal
@@ -101,13 +102,16 @@ class _Reporter:
     """Commits outcomes to the journal and decides when to send them.
 
     A large response skips the journal: its pickle and out-of-band buffers (or a `bytes`
-    response itself) are written to the spill file, a file the pool shares and reads with one
-    copy, then empties and acknowledges before the next one may be written.
+    response itself) are written to the spill file, a file in memory the pool shares, each part
+    at a page boundary past the last response's, never over one. The pool copies the pickle out
+    and maps the buffers (a numpy array is then made on the pages written here, with no copy),
+    and acknowledges before the next response may be written.
     """
 
     def __init__(self, outcomes: Pipe, journal: Journal, spill: int, acks: int) -> None:
         self._outcomes, self.journal = outcomes, journal
         self._spill, self._acks, self._spilled = spill, acks, False
+        self._spill_end = 0  #: where the last part written to the spill file ends
 
     def report(self, task_id: int, status: int, started: float, finished: float,
                value: Any) -> None:
@@ -121,19 +125,22 @@ class _Reporter:
 
     def spill(self, task_id: int, started: float, finished: float, raw: bool,
               parts: list[Any], status: int = OK) -> None:
-        """Write a response's `parts` (bytes or buffers) to the spill file and announce them."""
+        """Write a response's `parts` (bytes or buffers) to the spill file and announce their
+        places, (offset, size) each."""
         self.flush()
         if self._spilled and not os.read(self._acks, 1):
             raise EOFError("the pool went away")
-        offset, sizes = 0, []
+        places = []
         for part in parts:
             view = memoryview(part).cast("B")
-            sizes.append(len(view))
+            offset = -(-self._spill_end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
+            places.append((offset, len(view)))
+            self._spill_end = offset + len(view)
             while view:
                 written = os.pwrite(self._spill, view, offset)
                 view, offset = view[written:], offset + written
         self._outcomes.send_bytes(LARGE + pickle.dumps((task_id, status, started, finished,
-                                                        raw, sizes)))
+                                                        raw, places)))
         self._spilled = True
 
     def flush(self) -> None:

@@ -208,6 +208,14 @@ def large(kind_and_size: tuple[str, int]) -> Any:
     return data
 
 
+def filled(value_and_size: tuple[float, int]) -> Any:
+    """A numpy array of `size` bytes, every item `value`."""
+    import numpy
+
+    value, size = value_and_size
+    return numpy.full(size // 8, value)
+
+
 def outcome_with_ballast(job: tuple[str, bytes]) -> str:
     """`outcome`, with a request made bigger by ballast that it ignores."""
     return outcome(job[0])

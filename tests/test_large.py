@@ -1,13 +1,17 @@
-"""Large responses skip the pipe: they are written to a shared file and read with one copy."""
+"""Large responses skip the pipe: written to a shared file in memory, copied out once (bytes) or
+mapped with no copy (out-of-band buffers: numpy arrays)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
 import psutil
 import pytest
 import targets
+from conftest import wait_gone
 
 from engine import Engine, WorkerCrashedError
 
@@ -93,3 +97,84 @@ def test_an_exception_too_large_for_the_journal_still_arrives(engine: Engine) ->
     (result,) = engine.wait(engine.invoke([(targets.fail, message)]), timeout=60)
     assert not result.ok and isinstance(result.exception, ValueError)
     assert str(result.exception) == message
+
+
+def spill_memory(engine: Engine) -> int:
+    """Bytes of memory the workers' spill files hold (a file in memory reports what it holds)."""
+    return sum(os.fstat(worker.process.spill).st_blocks * 512 for worker in engine._pool._workers)
+
+
+def test_numpy_arrays_live_in_the_pages_their_worker_wrote_until_they_are_freed() -> None:
+    """No copy in the caller: each array is made on its worker's spill file, each response past
+    the last one's pages, and the memory is freed with the array (history=0: the engine keeps
+    no finished invocation's results)."""
+    pytest.importorskip("numpy")
+    with Engine(workers=1, history=0) as engine:
+        arrays = []
+        for value in range(3):
+            (result,) = engine.wait(engine.invoke([(targets.filled, (value, SIZE))]), timeout=60)
+            arrays.append(result.response)
+            del result
+        assert (len(arrays) - 0.01) * SIZE <= spill_memory(engine) < (len(arrays) + 0.1) * SIZE
+        while arrays:
+            array = arrays.pop(0)
+            assert array.shape == (SIZE // 8,) and (array == 3 - len(arrays) - 1).all()
+            del array
+            assert (len(arrays) - 0.01) * SIZE <= spill_memory(engine) \
+                < (len(arrays) + 0.1) * SIZE
+        (result,) = engine.wait(engine.invoke([(targets.large, ("bytes", SIZE))]), timeout=60)
+        assert result.response == expected("bytes")
+        deadline = time.monotonic() + 10  # the pool frees a copied response after delivering it
+        while spill_memory(engine) >= 0.01 * SIZE and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert spill_memory(engine) < 0.01 * SIZE
+
+
+def test_a_mapped_array_outlives_its_worker_and_the_engine() -> None:
+    numpy = pytest.importorskip("numpy")
+    with Engine(workers=1) as engine:
+        (result,) = engine.wait(engine.invoke([(targets.large, ("numpy", SIZE))]), timeout=60)
+        os.kill(result.pid, signal.SIGKILL)
+        assert wait_gone([result.pid]) == set()
+    array = result.response["array"]
+    assert numpy.array_equal(array, expected("numpy")["array"])
+    array += 1.0
+    assert array[0, 0] == 1.0
+
+
+def test_a_child_forked_while_an_array_lives_keeps_its_own_view_of_it() -> None:
+    """Arrays are mapped from their worker's spill file, yet behave as memory of one's own
+    across a fork: each side's writes stay its own, and the parent freeing its array does not
+    take the pages from the child."""
+    pytest.importorskip("numpy")
+    with Engine(workers=1, history=0) as engine:
+        (result,) = engine.wait(engine.invoke([(targets.filled, (7, SIZE))]), timeout=60)
+        array = result.response
+        del result
+        to_parent, from_child = os.pipe()
+        to_child, from_parent = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: nothing but the array and the pipes, then _exit
+            try:
+                os.close(to_parent)
+                os.close(from_parent)
+                array[0] = -1.0
+                os.write(from_child, b"1")
+                os.read(to_child, 1)  # the parent freed its array (or failed)
+                same = array[0] == -1.0 and array[1:].min() == 7 == array[1:].max()
+                os._exit(0 if same else 1)
+            finally:
+                os._exit(2)
+        os.close(from_child)
+        os.close(to_child)
+        try:
+            assert os.read(to_parent, 1) == b"1"
+            assert array[0] == 7.0  # the child's write is its own
+            array[1] = 0.0
+            del array
+            os.write(from_parent, b"1")
+        finally:
+            os.close(from_parent)
+            os.close(to_parent)
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
