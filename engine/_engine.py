@@ -15,6 +15,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from operator import itemgetter
 from types import TracebackType
 from typing import Any, TypeVar, cast, overload
 
@@ -272,7 +273,7 @@ class Engine:
             on_target=callbacks_on_target, on_final=callbacks_on_final,
             callbacks=self._callbacks, retire=self._retire, pool=self._pool)
         if total is not None:  # bad input fails here, before anything starts
-            for target in _distinct(target for target, _ in items):
+            for target in _distinct(map(itemgetter(0), items)):
                 invocation.resolve(target)
         with self._lock:
             if self._state is not EngineState.OPEN:

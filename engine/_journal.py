@@ -10,12 +10,13 @@ into one flat list, five items an entry (no object per entry for the garbage col
 an 8-byte header holding the end of the committed entries come ``PROTO 3`` and ``MARK``, then
 the entries, each the opcodes of its items ``task id, value, status, started, finished``; the
 reader closes the list (``LIST``, ``STOP``). The opcodes are packed with `struct` (a task id
-as ``LONG1``, a status as ``BININT1``, times as ``BINFLOAT``; a ``None`` or 32-bit int value
-as ``NONE`` or ``BININT``): a worker writes an entry in a fraction of what pickling it costs.
-Any other value is the pickle of it alone, less ``PROTO`` and ``STOP``; protocol 3 names its
-memo slots explicitly (4 and later number them implicitly), so such pickles concatenate: each
-entry's references are to slots it set itself. The header is updated only after an entry is
-complete, so a reader never sees half an entry.
+as ``LONG1``, a status as ``BININT1``, times as ``BINFLOAT``; a value that is ``None``, a 32-bit
+int, a float, a str or bytes (a pickled response is bytes) as ``NONE``, ``BININT``,
+``BINFLOAT``, ``BINUNICODE`` or ``BINBYTES``): a worker writes an entry in a fraction of what
+pickling it costs. Any other value is the pickle of it alone, less ``PROTO`` and ``STOP``;
+protocol 3 names its memo slots explicitly (4 and later number them implicitly), so such
+pickles concatenate: each entry's references are to slots it set itself. The header is updated
+only after an entry is complete, so a reader never sees half an entry.
 """
 
 from __future__ import annotations
@@ -33,10 +34,13 @@ _HEADER = 8  #: bytes of the header: the end of the committed entries, an unsign
 _START = _HEADER + len(OUTCOMES)
 Entry = tuple[int, Any, int, float, float]  #: task id, value, status, started, finished
 _LONG1, _NONE, _BININT, _BININT1, _BINFLOAT = 0x8A, 0x4E, 0x4A, 0x4B, 0x47
+_BINUNICODE, _BINBYTES = 0x58, 0x42
 _ID = struct.Struct("<BBq")  #: the task id: LONG1 of 8 bytes (pickle's ints are little-endian)
 _ID_NONE = struct.Struct("<BBqB")  #: ... and a None value
 _ID_INT = struct.Struct("<BBqBi")  #: ... and a 32-bit int value
+_ID_SIZED = struct.Struct("<BBqBI")  #: ... and the opcode and size of a str's or bytes' value
 _REST = struct.Struct(">BBBdBd")  #: status, started, finished (BINFLOAT is big-endian)
+_FLOAT_REST = struct.Struct(">BdBBBdBd")  #: a float value, then the rest
 
 
 class Journal:
@@ -73,17 +77,34 @@ class Journal:
                value: Any) -> bool:
         """Commit one entry; False if it does not fit in what is left. `value` must be of a
         builtin type that any interpreter unpickles (the pool reads a batch at once)."""
-        start = self._end
+        start, kind = self._end, type(value)
         if value is None:
             middle = start + _ID_NONE.size
             if middle + _REST.size > self.size:
                 return False
             _ID_NONE.pack_into(self._map, start, _LONG1, 8, task_id, _NONE)
-        elif type(value) is int and -0x80000000 <= value < 0x80000000:
+        elif kind is int and -0x80000000 <= value < 0x80000000:
             middle = start + _ID_INT.size
             if middle + _REST.size > self.size:
                 return False
             _ID_INT.pack_into(self._map, start, _LONG1, 8, task_id, _BININT, value)
+        elif kind is bytes or kind is str:
+            body = value if kind is bytes else value.encode("utf-8", "surrogatepass")
+            middle = start + _ID_SIZED.size + len(body)
+            if middle + _REST.size > self.size:
+                return False
+            _ID_SIZED.pack_into(self._map, start, _LONG1, 8, task_id,
+                                _BINBYTES if kind is bytes else _BINUNICODE, len(body))
+            self._map[middle - len(body):middle] = body
+        elif kind is float:
+            end = start + _ID.size + _FLOAT_REST.size
+            if end > self.size:
+                return False
+            _ID.pack_into(self._map, start, _LONG1, 8, task_id)
+            _FLOAT_REST.pack_into(self._map, start + _ID.size, _BINFLOAT, value, _BININT1, status,
+                                  _BINFLOAT, started, _BINFLOAT, finished)
+            self._end = self._committed[0] = end
+            return True
         else:
             body = pickle.dumps(value, 3)[2:-1]
             middle = start + _ID.size + len(body)

@@ -8,8 +8,8 @@ import pickle
 from engine._journal import Journal, entries
 
 VALUES = [None, True, False, 0, -1, 255, 2**31 - 1, -(2**31), 2**31, -(2**31) - 1, -(2**70), 1.5,
-          float("inf"), 2 - 3j, "", "é" * 300, "x" * 70_000, b"", b"\x00" * 300,
-          pickle.dumps({"any": ["thing"]})]
+          -0.0, 1e-310, float("-inf"), float("inf"), 2 - 3j, "", "é" * 300, "日本", "\udc80 lone",
+          "x" * 70_000, b"", b"\x00" * 300, pickle.dumps({"any": ["thing"]})]
 
 
 def test_entries_read_back_as_written() -> None:
