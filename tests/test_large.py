@@ -142,6 +142,9 @@ def test_a_mapped_array_outlives_its_worker_and_the_engine() -> None:
     assert array[0, 0] == 1.0
 
 
+# The fork is the point: a caller that forks (multiprocessing's default before Python 3.14)
+# while it holds arrays; its child only touches the array and the pipes, then exits.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_child_forked_while_an_array_lives_keeps_its_own_view_of_it() -> None:
     """Arrays are mapped from their worker's spill file, yet behave as memory of one's own
     across a fork: each side's writes stay its own, and the parent freeing its array does not
