@@ -58,6 +58,19 @@ def test_pairs_run_one_target_many_times_and_keep_their_order(engine: Engine) ->
     assert [r.index for r in results] == list(range(30))
 
 
+def test_responses_of_every_kind_come_back_whole_and_of_their_type(engine: Engine) -> None:
+    """Through real workers: scalars travel as journal entries of their own kind, anything else
+    as its pickle; both must come back equal and of the same type."""
+    values = [None, True, 0, -(2**31), 2**31, 2**100, 1.5, -0.0, float("inf"), 1e-310, 2 - 3j,
+              "", "ascii", "é日本", "\udc80 lone surrogate", "x" * 100_000, b"", b"\x00\xff" * 99,
+              bytearray(b"ba"), (1, "t"), [1.5, None], {"k": {"nested": [b"v"]}}, {1, 2},
+              frozenset({"f"})]
+    results = engine.wait(engine.invoke([(targets.echo, value) for value in values]), timeout=60)
+    assert [r.response for r in results] == values
+    assert [type(r.response) for r in results] == [type(value) for value in values]
+    assert [str(r.response) for r in results if type(r.response) is float][:2] == ["1.5", "-0.0"]
+
+
 def test_a_lazy_iterator_of_pairs_is_accepted(engine: Engine) -> None:
     cid = engine.invoke((targets.double, i) for i in range(10))
     assert [r.response for r in engine.wait(cid, timeout=30)] == [2 * i for i in range(10)]
