@@ -12,6 +12,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -133,15 +134,25 @@ def test_exception_groups_survive_the_trip(engine: Engine) -> None:
 
 
 SOAK_SIZE = int(os.environ.get("ENGINE_SOAK", "120"))
-OUTCOMES = ["return", "return", "return", "raise", "exit", "kill", "hang", "unpicklable"]
+OUTCOMES = ["return", "return", "return", "raise", "exit", "kill", "hang", "unpicklable",
+            "numpy", "bytes"]  # the last two: large responses, through the spill file
+LARGE = 512 * 1024
+
+
+def soak_call(kind: str) -> tuple[Any, Any]:
+    if kind == "unpicklable":
+        return targets.unpicklable_response, None
+    if kind in ("numpy", "bytes"):
+        return targets.large, (kind, LARGE)
+    return targets.outcome, kind
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_soak_random_outcomes_while_a_thread_kills_random_workers(seed: int) -> None:
     """ENGINE_SOAK=5000 makes this a long run."""
     rng = random.Random(seed)
-    work = [(targets.unpicklable_response, None) if kind == "unpicklable"
-            else (targets.outcome, kind) for kind in rng.choices(OUTCOMES, k=SOAK_SIZE)]
+    kinds = rng.choices(OUTCOMES, k=SOAK_SIZE)
+    work = [soak_call(kind) for kind in kinds]
     on_target, on_final = Recorder(), Recorder()
     stop = threading.Event()
     with Engine(workers=2, timeout=0.5) as eng:
@@ -167,6 +178,11 @@ def test_soak_random_outcomes_while_a_thread_kills_random_workers(seed: int) -> 
         pids = set(eng.stats().worker_pids)
     assert isinstance(results, list) and len(results) == SOAK_SIZE
     assert [r.index for r in results] == list(range(SOAK_SIZE))
+    for kind, result in zip(kinds, results, strict=True):  # a large response arrives whole
+        if kind == "bytes" and result.ok:
+            assert result.response == targets.large(("bytes", LARGE))
+        if kind == "numpy" and result.ok:
+            assert (result.response["array"] == targets.large(("numpy", LARGE))["array"]).all()
     assert sorted(p["index"] for p in on_target.payloads) == list(range(SOAK_SIZE))
     assert len(on_final.payloads) == 1 and len(on_final.payloads[0]["data"]) == SOAK_SIZE
     assert all(r.ok for r in after)
