@@ -4,7 +4,8 @@ Fork+exec (``subprocess``, which execs at once in the child) is safe whatever th
 threads hold, on every Python version. The child imports only the worker's modules, not the
 caller's ``__main__``, so it is serving some tens of milliseconds after it was asked for. Its
 pipes, journal and spill file are inherited file descriptors; the caller's ``sys.path`` is its
-first message, so targets import in the worker as they do in the caller.
+first message, so targets import in the worker as they do in the caller. A large response is
+read from the spill file here: its pickle copied, its large buffers mapped (`_Buffer`).
 """
 
 from __future__ import annotations
