@@ -16,6 +16,7 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -72,6 +73,7 @@ class CallbackPool:
         self._blocked = 0  # threads whose callback waits for other callbacks (`waiting`)
         self._stopping = False
         self._threads: list[threading.Thread] = []
+        self._numbers = itertools.count()  # thread names: threads come and go (`_retire`)
         self._running: dict[int, str] = {}  # thread ident -> name of the callback it runs
         self._cannot_grow = False  # a thread failed to start: said once
         self.stats = CallbackStats()
@@ -103,7 +105,7 @@ class CallbackPool:
         recording results) waits for one start at most."""
         with self._lock:
             if len(self._jobs) <= self._sleeping or self._stopping \
-                    or len(self._threads) >= self._max_workers + self._blocked:
+                    or len(self._threads) >= self._limit:
                 return
             thread = self._new_thread()
             self._threads.append(thread)
@@ -119,7 +121,12 @@ class CallbackPool:
 
     def _new_thread(self) -> threading.Thread:
         return threading.Thread(target=self._serve, daemon=True,
-                                name=f"engine-callback-{len(self._threads)}")
+                                name=f"engine-callback-{next(self._numbers)}")
+
+    @property
+    def _limit(self) -> int:
+        """How many threads may run now: one more for each that waits (`waiting`)."""
+        return self._max_workers + self._blocked
 
     def owns_current_thread(self) -> bool:
         """True on one of this pool's threads: a callback must not wait for its own pool."""
@@ -157,7 +164,7 @@ class CallbackPool:
     def _serve(self) -> None:
         ident, woken = threading.get_ident(), True
         while True:
-            if len(self._threads) > self._max_workers + self._blocked and self._retire():
+            if len(self._threads) > self._limit and self._retire():
                 return
             try:
                 job, queued = self._jobs.popleft()
@@ -186,7 +193,7 @@ class CallbackPool:
     def _retire(self) -> bool:
         """Leave the pool if it has more threads than it may (a wait that needed one ended)."""
         with self._lock:
-            if len(self._threads) <= self._max_workers + self._blocked:
+            if len(self._threads) <= self._limit:
                 return False
             self._threads.remove(threading.current_thread())
             if self._jobs:  # it may have been woken for one: another thread takes it
