@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import gc
 import importlib.util
 import json
 import os
@@ -226,9 +227,11 @@ def timed_run(c: Contender, calls: list[Any], s: Sizes,
 @contextlib.contextmanager
 def started(cls: type[Contender], workers: int = 2,
             target: Callable[[float], Any] = workloads.sleep_pid) -> Iterator[Contender]:
-    """A contender whose workers are all up (their start-up is not measured), closed after."""
+    """A contender whose workers are all up (their start-up is not measured), closed after,
+    measured from a collected heap."""
     with cls(workers) as contender:
         contender.warm(target)
+        gc.collect()
         yield contender
 
 
@@ -251,7 +254,9 @@ def note_failure(label: str, what: str, result: Done) -> None:
 def dispatch_one_by_one(cls: type[Contender], s: Sizes) -> dict[str, Value]:
     calls = [(workloads.noop, i) for i in range(s.dispatch)]
     with started(cls) as c:
-        return {"dispatch": s.dispatch / timed_run(c, calls, s),
+        plain = s.dispatch / timed_run(c, calls, s)
+        gc.collect()
+        return {"dispatch": plain,
                 "dispatch_cb": s.dispatch / timed_run(c, calls, s, callback=workloads.noop)}
 
 
