@@ -260,10 +260,11 @@ def dispatch_one_by_one(cls: type[Contender], s: Sizes) -> dict[str, Value]:
                 "dispatch_cb": s.dispatch / timed_run(c, calls, s, callback=workloads.noop)}
 
 
-def dispatch_map(cls: type[Contender], s: Sizes, chunksize: int) -> dict[str, Value]:
+def dispatch_map(cls: type[Contender], s: Sizes, chunksize: int,
+                 way: str = "map") -> dict[str, Value]:
     with started(cls) as c:
         start = time.perf_counter()
-        count = sum(1 for _ in c.map(workloads.noop, range(s.dispatch), chunksize))
+        count = sum(1 for _ in getattr(c, way)(workloads.noop, range(s.dispatch), chunksize))
         if count != s.dispatch:
             raise BenchError(f"{c.label}.map: {count} of {s.dispatch} results")
         return {"dispatch": s.dispatch / (time.perf_counter() - start)}
@@ -453,7 +454,9 @@ def dispatch_entries(s: Sizes, chosen: list[type[Contender]]) -> list[Entry]:
         name = "engine" if cls is EngineContender else f"{cls.label}.{cls.submit_name}"
         entries.append((name, functools.partial(dispatch_one_by_one, cls, s)))
         if cls is EngineContender:
-            entries.append(("engine, wait", functools.partial(dispatch_map, cls, s, 0)))
+            entries.append(("engine.map", functools.partial(dispatch_map, cls, s, 0)))
+            entries.append(("engine, wait", functools.partial(dispatch_map, cls, s, 0,
+                                                              "wait_map")))
             continue
         for chunksize in (1, 100) if cls.chunked_map else (1,):
             suffix = f"(chunksize={chunksize})" if cls.chunked_map else ""

@@ -227,8 +227,13 @@ class EngineContender(Contender):
         return PullRun(len(calls), tally, stream)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any], chunksize: int) -> Iterable[Any]:
-        """One invocation, its results taken with `wait`: the engine's way to get them all (it
+        """`Engine.map`: the responses in order, as a peer's `map` gives them (the engine
         batches by itself, so there is no `chunksize`)."""
+        return self.engine.map(fn, items)
+
+    def wait_map(self, fn: Callable[[Any], Any], items: Iterable[Any],
+                 chunksize: int) -> Iterable[Any]:
+        """One invocation of pairs, its `Result`s taken with `wait`, then each one's response."""
         results = self.engine.wait(self.engine.invoke([(fn, item) for item in items]))
         return (result.result() for result in results)
 

@@ -14,7 +14,8 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sized
+from itertools import repeat
 from operator import itemgetter
 from types import TracebackType
 from typing import Any, TypeVar, cast, overload
@@ -148,7 +149,7 @@ class Engine:
         `wait` then returns an empty mapping or list, and `as_completed` raises.
         """
         return self._start(targets, Channel.PARALLEL_EXEC_CALL, callbacks, None, cid,
-                           source, timeout, retries, retry_on, keep_results)
+                           source, timeout, retries, retry_on, keep_results).cid
 
     def fanout(self, targets: Targets, on_target: Callbacks = None, on_final: Callbacks = None,
                cid: str | None = None, source: str | None = None,
@@ -157,7 +158,24 @@ class Engine:
                keep_results: bool = True) -> str:
         """`invoke`, plus `on_final` callbacks run once, after every target has its result."""
         return self._start(targets, Channel.FANOUT_CALL, on_target, on_final, cid, source,
-                           timeout, retries, retry_on, keep_results)
+                           timeout, retries, retry_on, keep_results).cid
+
+    def map(self, target: Any, requests: Iterable[Any], callbacks: Callbacks = None, *,
+            cid: str | None = None, source: str | None = None, timeout: float | None = None,
+            retries: int | None = None,
+            retry_on: tuple[type[BaseException], ...] | None = None) -> Iterator[Any]:
+        """Run `target` once per request; the responses in order, as
+        `concurrent.futures.Executor.map` gives them: a target that failed raises its exception
+        in its turn (its own, or the `engine.TargetError` that says why it has none).
+
+        One invocation, started at once, as ``invoke([(target, r) for r in requests], ...)``
+        would be, without the pairs or a `Result` per target: the quickest way to run many
+        small targets. `timeout` limits each target's run, as in `invoke` (not the iteration).
+        Leaving the iteration early cancels the targets not yet sent to a worker.
+        """
+        invocation = self._start(_Each(target, requests), Channel.PARALLEL_EXEC_CALL, callbacks,
+                                 None, cid, source, timeout, retries, retry_on, True)
+        return invocation.responses()
 
     def wait(self, cid: str, timeout: float | None = None) -> dict[Any, Result] | list[Result]:
         """Block until every target of `cid` has its result and every callback has finished.
@@ -249,10 +267,11 @@ class Engine:
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _start(self, targets: Targets, channel: Channel, on_target: Callbacks,
+    def _start(self, targets: Targets | _Each, channel: Channel, on_target: Callbacks,
                on_final: Callbacks, cid: str | None, source: str | None,
                timeout: float | None, retries: int | None,
-               retry_on: tuple[type[BaseException], ...] | None, keep_results: bool) -> str:
+               retry_on: tuple[type[BaseException], ...] | None,
+               keep_results: bool) -> Invocation:
         if self._state is not EngineState.OPEN:
             raise EngineClosedError("the engine is shut down; it accepts no invocations")
         if cid is not None and (not isinstance(cid, str) or not cid):
@@ -263,18 +282,17 @@ class Engine:
         _check_retries(retries, retry_on)
         callbacks_on_target = self._resolve_callbacks(on_target)
         callbacks_on_final = self._resolve_callbacks(on_final)
-        items, total, keys = _normalize(targets)
+        items, total, keys, checked = _feed(targets)
         invocation = Invocation(
             cid=cid or uuid.uuid4().hex,
             source=source or self._default_source or _caller_module(),
-            channel=channel, items=iter(items), total=total, keys=keys, registry=self._registry,
+            channel=channel, items=items, total=total, keys=keys, registry=self._registry,
             timeout=self._default_timeout if timeout is None else timeout,
             retries=retries, retry_on=retry_on, keep_results=keep_results,
             on_target=callbacks_on_target, on_final=callbacks_on_final,
             callbacks=self._callbacks, retire=self._retire, pool=self._pool)
-        if total is not None:  # bad input fails here, before anything starts
-            for target in _distinct(map(itemgetter(0), items)):
-                invocation.resolve(target)
+        for target in checked:  # bad input fails here, before anything starts
+            invocation.resolve(target)
         with self._lock:
             if self._state is not EngineState.OPEN:
                 raise EngineClosedError("the engine is shut down; it accepts no invocations")
@@ -285,7 +303,7 @@ class Engine:
             invocation.next_tasks(1)  # sees the end of the input: fan-in runs at once
         else:
             self._pool.add_feed(invocation, here=total is not None)
-        return invocation.cid
+        return invocation
 
     def _resolve_callbacks(self, callbacks: Callbacks) -> list[NamedCallback]:
         if callbacks is None:
@@ -341,6 +359,27 @@ class Engine:
     def _snapshot(self) -> list[Invocation]:
         with self._lock:
             return list(self._active.values())
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Each:
+    """`map`'s input: one target over many requests, with no pair built for each."""
+
+    target: Any
+    requests: Iterable[Any]
+
+
+def _feed(targets: Targets | _Each) -> tuple[Iterator[Any], int | None, list[Any] | None,
+                                             Iterable[Any]]:
+    """(pairs, their number or None if lazy, the mapping's keys or None, the targets to check
+    before anything starts) for what `invoke` or `map` was given."""
+    if isinstance(targets, _Each):
+        requests = targets.requests
+        total = len(requests) if isinstance(requests, Sized) else None
+        return zip(repeat(targets.target), requests), total, None, (targets.target,)
+    items, total, keys = _normalize(targets)
+    checked = () if total is None else _distinct(map(itemgetter(0), items))
+    return iter(items), total, keys, checked
 
 
 def _normalize(targets: Targets) -> tuple[Iterable[Any], int | None, list[Any] | None]:

@@ -409,6 +409,32 @@ class Invocation:
             return dict(zip(self._keys, made, strict=True)) if self.keep_results else {}
         return made
 
+    def responses(self) -> Iterator[Any]:
+        """Each target's response in input order, once it and every one before it are in; a
+        failure raises its exception in its turn. Leaving early cancels the targets not yet
+        sent to a worker. A batch's responses are handed on as they came (no `Result`)."""
+        ahead: dict[int, Responses | Record] = {}  # landed before their turn, by first index
+        position = 0
+        try:
+            for chunk in self._landing(None, lambda: self.phase is not Phase.RUNNING):
+                if isinstance(chunk, Responses) and isinstance(chunk.indices, range):
+                    ahead[chunk.indices.start] = chunk
+                else:
+                    ahead.update(zip(map(_BY_INDEX, chunk), chunk))
+                while position in ahead:
+                    landed = ahead.pop(position)
+                    if isinstance(landed, Responses):
+                        yield from landed.values
+                        position += len(landed)
+                    elif landed[3]:
+                        yield landed[4]
+                        position += 1
+                    else:
+                        raise landed[5]
+        finally:
+            if self.phase is Phase.RUNNING:
+                self.cancel()
+
     def stream(self, timeout: float | None) -> Iterator[Result]:
         for chunk in self._landing(timeout, lambda: self.phase is not Phase.RUNNING):
             yield from as_results(chunk)

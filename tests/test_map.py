@@ -1,0 +1,86 @@
+"""`Engine.map`: one target over many requests, its responses in order, as
+`concurrent.futures.Executor.map` gives them, with the engine's guarantees per target."""
+
+from __future__ import annotations
+
+import signal
+import traceback
+
+import pytest
+import targets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_callbacks import Recorder
+
+from engine import (
+    Engine,
+    TargetCancelledError,
+    TargetTimeoutError,
+    UnknownNameError,
+    WorkerCrashedError,
+)
+
+
+def test_responses_come_in_input_order_from_a_list_a_range_and_an_iterator(
+        engine: Engine) -> None:
+    assert list(engine.map(targets.double, [5, 1, 4])) == [10, 2, 8]
+    assert list(engine.map(targets.double, range(3000))) == [2 * i for i in range(3000)]
+    assert list(engine.map("targets:double", (i for i in range(50)))) == \
+        [2 * i for i in range(50)]
+    assert list(engine.map(targets.double, [])) == []
+
+
+def test_a_failure_raises_its_own_exception_in_its_turn(engine: Engine) -> None:
+    got = []
+    responses = engine.map(targets.outcome, ["return", "return", "raise", "return"])
+    with pytest.raises(ValueError, match="raise") as caught:
+        for response in responses:
+            got.append(response)
+    assert got == ["return", "return"]
+    frames = traceback.extract_tb(caught.value.__traceback__)
+    assert any(frame.name == "outcome" for frame in frames), "the worker's frames are lost"
+    assert next(responses, "ended") == "ended"
+
+
+def test_a_crash_or_a_timeout_raises_the_reason_in_its_turn(engine: Engine) -> None:
+    with pytest.raises(WorkerCrashedError):
+        list(engine.map(targets.kill_self, [signal.SIGKILL]))
+    responses = engine.map(targets.outcome, ["return", "hang"], timeout=0.5)
+    assert next(responses) == "return"
+    with pytest.raises(TargetTimeoutError):
+        next(responses)
+    assert list(engine.map(targets.double, range(10))) == [2 * i for i in range(10)]
+
+
+def test_a_bad_target_fails_at_the_call_before_anything_runs(engine: Engine) -> None:
+    with pytest.raises(UnknownNameError):
+        engine.map("no.such.service", [1, 2])
+
+
+def test_callbacks_run_once_per_target(engine: Engine) -> None:
+    recorder = Recorder()
+    assert list(engine.map(targets.double, range(40), callbacks=[recorder], cid="m")) == \
+        [2 * i for i in range(40)]
+    engine.wait("m", timeout=30)
+    assert sorted(p["index"] for p in recorder.payloads) == list(range(40))
+    assert {p["response"] for p in recorder.payloads} == {2 * i for i in range(40)}
+
+
+def test_leaving_early_cancels_what_was_not_sent(engine: Engine) -> None:
+    responses = engine.map(targets.sleep, [0.05] * 200, cid="early")
+    assert next(responses) == 0.05
+    responses.close()
+    results = engine.wait("early", timeout=30)
+    cancelled = [r for r in results if isinstance(r.exception, TargetCancelledError)]
+    assert cancelled, "every target ran although the caller stopped iterating"
+    assert all(r.ok for r in results if not isinstance(r.exception, TargetCancelledError))
+    assert len(results) == 200
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(requests=st.lists(st.integers(-10**6, 10**6), max_size=600), lazy=st.booleans())
+def test_map_is_the_builtin_map_run_in_workers(engine: Engine, requests: list[int],
+                                                lazy: bool) -> None:
+    given_requests = iter(requests) if lazy else requests
+    assert list(engine.map(targets.double, given_requests)) == [2 * r for r in requests]
