@@ -40,6 +40,7 @@ _TARGET, _REQUEST = operator.itemgetter(0), operator.itemgetter(1)  # of a (targ
 #: are sent (`keep_results=False`): memory then holds the work in flight, not every payload of
 #: a stream whose callbacks lag.
 CALLBACK_BACKLOG = 2048
+_CANCEL_CHUNK = 4096  #: targets cancelled before they were pulled, recorded together
 
 NamedCallback = tuple[str, Callback]
 
@@ -239,13 +240,27 @@ class Invocation:
             return target if isinstance(target, str) else repr(target)
 
     def cancel(self) -> None:
-        """Fail every target not yet pulled; the engine kills the running ones."""
+        """Fail every target not yet pulled; the engine kills the running ones. They are
+        recorded in bulk, each target's traceback text made once: an input of a million is
+        cancelled in seconds, not minutes."""
         with self._feed_lock:
             self.cancelled = True
+            records: list[Record] = []
+            texts: dict[str, str | None] = {}
+            moment = time.time()
             while (pulled := self._pull()) is not None:
                 index, target, _ = pulled
                 name = self._name(target)
-                self.record(index, name, Outcome.failure(TargetCancelledError(name, running=False)))
+                error = TargetCancelledError(name, running=False)
+                if name not in texts:
+                    texts[name] = Outcome.failure(error).traceback
+                records.append(record(self, index, name,
+                                      Outcome(False, error, texts[name], None, moment, None)))
+                if len(records) == _CANCEL_CHUNK:
+                    self.record_all(records)
+                    records = []
+            if records:
+                self.record_all(records)
 
     # -- results and callbacks (any thread) ------------------------------------------------------
 

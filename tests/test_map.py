@@ -77,6 +77,18 @@ def test_leaving_early_cancels_what_was_not_sent(engine: Engine) -> None:
     assert len(results) == 200
 
 
+def test_leaving_a_large_input_early_gives_every_target_one_result(engine: Engine) -> None:
+    responses = engine.map(targets.sleep, [0.01] * 100_000, cid="large")
+    assert next(responses) == 0.01
+    responses.close()
+    results = engine.wait("large", timeout=120)
+    assert [r.index for r in results] == list(range(100_000))
+    cancelled = [r for r in results if not r.ok]
+    assert len(cancelled) > 99_000
+    assert all(isinstance(r.exception, TargetCancelledError) and
+               "before it started" in (r.traceback or "") for r in cancelled)
+
+
 @settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(requests=st.lists(st.integers(-10**6, 10**6), max_size=600), lazy=st.booleans())
