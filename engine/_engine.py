@@ -171,7 +171,9 @@ class Engine:
         One invocation, started at once, as ``invoke([(target, r) for r in requests], ...)``
         would be, without the pairs or a `Result` per target: the quickest way to run many
         small targets. `timeout` limits each target's run, as in `invoke` (not the iteration).
-        Leaving the iteration early cancels the targets not yet sent to a worker.
+        Leaving the iteration early (a `break`, or a target's exception) cancels the targets not
+        yet sent to a worker. As with `invoke`, the results stay available to ``wait(cid)``
+        until the invocation leaves the history, so memory grows with the input.
         """
         invocation = self._start(_Each(target, requests), Channel.PARALLEL_EXEC_CALL, callbacks,
                                  None, cid, source, timeout, retries, retry_on, True)
