@@ -435,7 +435,7 @@ class Invocation:
                 if isinstance(chunk, Responses) and isinstance(chunk.indices, range):
                     ahead[chunk.indices.start] = chunk
                 else:
-                    ahead.update(zip(map(_BY_INDEX, chunk), chunk))
+                    ahead.update(zip(map(_BY_INDEX, chunk), chunk, strict=True))
                 while position in ahead:
                     landed = ahead.pop(position)
                     if isinstance(landed, Responses):
