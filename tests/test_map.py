@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import traceback
+from pathlib import Path
 
 import pytest
 import targets
@@ -50,6 +51,12 @@ def test_a_crash_or_a_timeout_raises_the_reason_in_its_turn(engine: Engine) -> N
     with pytest.raises(TargetTimeoutError):
         next(responses)
     assert list(engine.map(targets.double, range(10))) == [2 * i for i in range(10)]
+
+
+def test_retries_run_a_crashed_target_again(engine: Engine, tmp_path: Path) -> None:
+    markers = [str(tmp_path / "first"), str(tmp_path / "second")]
+    assert list(engine.map(targets.crash_once, markers, retries=1)) == \
+        ["second time lucky"] * 2
 
 
 def test_a_bad_target_fails_at_the_call_before_anything_runs(engine: Engine) -> None:
