@@ -172,11 +172,11 @@ class Engine:
         would be, without the pairs or a `Result` per target: the quickest way to run many
         small targets. `timeout` limits each target's run, as in `invoke` (not the iteration).
         Leaving the iteration early (a `break`, or a target's exception) cancels the targets not
-        yet sent to a worker. As with `invoke`, the results stay available to ``wait(cid)``
-        until the invocation leaves the history, so memory grows with the input.
+        yet sent to a worker. The results are the iterator's alone, as with
+        ``keep_results=False``: memory holds those not yet taken, and ``wait(cid)`` only waits.
         """
         invocation = self._start(_Each(target, requests), Channel.PARALLEL_EXEC_CALL, callbacks,
-                                 None, cid, source, timeout, retries, retry_on, True)
+                                 None, cid, source, timeout, retries, retry_on, False)
         return invocation.responses()
 
     def wait(self, cid: str, timeout: float | None = None) -> dict[Any, Result] | list[Result]:
@@ -200,7 +200,7 @@ class Engine:
         invocation = self._lookup(cid)
         if not invocation.keep_results:
             raise ValueError(f"invocation {cid!r} keeps no results to stream "
-                             f"(keep_results=False): its callbacks get them")
+                             f"(keep_results=False, or a map): its callbacks get them")
         return invocation.stream(timeout)
 
     def cancel(self, cid: str) -> bool:
@@ -292,7 +292,8 @@ class Engine:
             timeout=self._default_timeout if timeout is None else timeout,
             retries=retries, retry_on=retry_on, keep_results=keep_results,
             on_target=callbacks_on_target, on_final=callbacks_on_final,
-            callbacks=self._callbacks, retire=self._retire, pool=self._pool)
+            callbacks=self._callbacks, retire=self._retire, pool=self._pool,
+            streamed=isinstance(targets, _Each))
         for target in checked:  # bad input fails here, before anything starts
             invocation.resolve(target)
         with self._lock:

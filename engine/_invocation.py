@@ -91,7 +91,7 @@ class Invocation:
                  keep_results: bool,
                  on_target: list[NamedCallback], on_final: list[NamedCallback],
                  callbacks: CallbackPool, retire: Callable[[Invocation], None],
-                 pool: TargetPool) -> None:
+                 pool: TargetPool, streamed: bool = False) -> None:
         self.cid, self.source, self.channel = cid, source, channel
         self.prefix = (channel.value, cid, source)
         self.req_ts = time.time()
@@ -110,9 +110,11 @@ class Invocation:
         self.total = total  # None until a lazy iterator is exhausted
         self._checked = total is not None  # items are pairs of a list: the fast path can take them
         self.keep_results = keep_results
+        #: its results go to one iterator (`responses`, for `Engine.map`), which takes them
+        self.streamed = streamed
         # Results in completion order, one `Responses` or tuple of records per delivery; none
-        # unless keep_results. Tuples of plain values drop out of the garbage collector's view,
-        # so that a million kept results cost its full collections a few visits, not a million.
+        # unless keep_results or streamed. Tuples of plain values drop out of the garbage
+        # collector's view, so a million kept results cost its full collections a few visits.
         self._chunks: list[Responses | tuple[Record, ...]] = []
         self._recorded = bytearray()  # 1 at each index that has its result: 1 byte a target
         self._count = 0
@@ -283,7 +285,7 @@ class Invocation:
                 results = list(itertools.compress(results, keep))
                 payloads = list(itertools.compress(payloads, keep))
             self._count += len(records)
-            if self.keep_results:
+            if self.keep_results or self.streamed:
                 self._chunks.append(records if isinstance(records, Responses) else tuple(records))
             if self.on_final:
                 self._data.append(tuple(payloads))
@@ -427,11 +429,12 @@ class Invocation:
     def responses(self) -> Iterator[Any]:
         """Each target's response in input order, once it and every one before it are in; a
         failure raises its exception in its turn. Leaving early cancels the targets not yet
-        sent to a worker. A batch's responses are handed on as they came (no `Result`)."""
+        sent to a worker. A batch's responses are handed on as they came (no `Result`), and
+        the invocation keeps none of them: memory holds what was not yet taken."""
         ahead: dict[int, Responses | Record] = {}  # landed before their turn, by first index
         position = 0
         try:
-            for chunk in self._landing(None, lambda: self.phase is not Phase.RUNNING):
+            for chunk in self._landing(None, lambda: self.phase is not Phase.RUNNING, take=True):
                 if isinstance(chunk, Responses) and isinstance(chunk.indices, range):
                     ahead[chunk.indices.start] = chunk
                 else:
@@ -447,6 +450,8 @@ class Invocation:
                     else:
                         raise landed[5]
         finally:
+            with self._cond:  # what lands from now on has no taker
+                self.streamed, self._chunks = False, []
             if self.phase is Phase.RUNNING:
                 self.cancel()
 
@@ -454,15 +459,17 @@ class Invocation:
         for chunk in self._landing(timeout, lambda: self.phase is not Phase.RUNNING):
             yield from as_results(chunk)
 
-    def _landing(self, timeout: float | None,
-                 over: Callable[[], bool]) -> Iterator[Responses | tuple[Record, ...]]:
-        """Each chunk of kept results as it lands, until `over()` holds (under `_cond`) and
-        every chunk was given; `TimeoutError` once `timeout` seconds have passed."""
+    def _landing(self, timeout: float | None, over: Callable[[], bool], *,
+                 take: bool = False) -> Iterator[Responses | tuple[Record, ...]]:
+        """Each chunk of results as it lands, until `over()` holds (under `_cond`) and every
+        chunk was given; `TimeoutError` once `timeout` seconds have passed. The chunks kept for
+        `wait` are read; a stream's are taken (`take`), so that the invocation holds them no
+        more; an invocation that keeps neither gives none."""
         deadline = None if timeout is None else time.monotonic() + timeout
         position = 0
         while True:
             with self._cond:
-                while position >= len(self._chunks):
+                while position >= len(chunks := self._chunks if self.keep_results or take else ()):
                     if over():
                         return
                     remaining = None if deadline is None else deadline - time.monotonic()
@@ -470,8 +477,11 @@ class Invocation:
                         raise TimeoutError(f"invocation {self.cid!r} not done after {timeout} s: "
                                            f"{self._progress()}")
                     self._wait(remaining)
-                landed = self._chunks[position:]  # all that is in: one lock for them
-            position += len(landed)
+                landed = chunks[position:]  # all that is in: one lock for them
+                if take:
+                    self._chunks = []
+                else:
+                    position += len(landed)
             yield from landed
 
     def _wait(self, timeout: float | None) -> None:

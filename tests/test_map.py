@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import signal
 import traceback
+import weakref
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,6 @@ from test_callbacks import Recorder
 
 from engine import (
     Engine,
-    TargetCancelledError,
     TargetTimeoutError,
     UnknownNameError,
     WorkerCrashedError,
@@ -74,26 +76,61 @@ def test_callbacks_run_once_per_target(engine: Engine) -> None:
 
 
 def test_leaving_early_cancels_what_was_not_sent(engine: Engine) -> None:
-    responses = engine.map(targets.sleep, [0.05] * 200, cid="early")
+    recorder = Recorder()
+    responses = engine.map(targets.sleep, [0.05] * 200, callbacks=[recorder], cid="early")
     assert next(responses) == 0.05
     responses.close()
-    results = engine.wait("early", timeout=30)
-    cancelled = [r for r in results if isinstance(r.exception, TargetCancelledError)]
+    assert engine.wait("early", timeout=30) == []  # the results were the iterator's
+    assert sorted(p["index"] for p in recorder.payloads) == list(range(200))
+    cancelled = [p for p in recorder.payloads if not p["ok"]]
     assert cancelled, "every target ran although the caller stopped iterating"
-    assert all(r.ok for r in results if not isinstance(r.exception, TargetCancelledError))
-    assert len(results) == 200
+    assert all("TargetCancelledError" in p["exception"] for p in cancelled)
 
 
 def test_leaving_a_large_input_early_gives_every_target_one_result(engine: Engine) -> None:
-    responses = engine.map(targets.sleep, [0.01] * 100_000, cid="large")
+    recorder = Recorder()
+    responses = engine.map(targets.sleep, [0.01] * 100_000, callbacks=[recorder], cid="large")
     assert next(responses) == 0.01
     responses.close()
-    results = engine.wait("large", timeout=120)
-    assert [r.index for r in results] == list(range(100_000))
-    cancelled = [r for r in results if not r.ok]
+    engine.wait("large", timeout=120)
+    assert sorted(p["index"] for p in recorder.payloads) == list(range(100_000))
+    cancelled = [p for p in recorder.payloads if not p["ok"]]
     assert len(cancelled) > 99_000
-    assert all(isinstance(r.exception, TargetCancelledError) and
-               "before it started" in (r.traceback or "") for r in cancelled)
+    assert all("before it started" in p["exception"] for p in cancelled)
+
+
+def test_the_responses_are_the_iterators_alone(engine: Engine) -> None:
+    responses = list(engine.map(targets.box, range(300), cid="kept"))
+    assert [box.value for box in responses] == list(range(300))
+    first = weakref.ref(responses[0])
+    del responses
+    gc.collect()
+    assert first() is None, "the engine still holds a response its iterator handed out"
+    assert engine.wait("kept", timeout=30) == []
+    with pytest.raises(ValueError, match="keeps no results"):
+        engine.as_completed("kept")
+
+
+def _resident() -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process, from /proc/self/status."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux's peak RSS reset")
+def test_memory_holds_what_was_not_yet_taken_not_the_whole_map(engine: Engine) -> None:
+    size, count = 100_000, 4_000  # 400 MB of responses in all
+    list(engine.map(targets.large, [("bytes", size)] * 10))  # warm up
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak
+    before, _ = _resident()
+    taken = 0
+    for response in engine.map(targets.large, [("bytes", size)] * count):
+        taken += len(response)
+    grown = _resident()[1] - before
+    assert taken >= size * count * 0.99
+    assert grown < 150e6, f"the caller grew by {grown / 1e6:.0f} MB for a 400 MB map"
 
 
 @settings(max_examples=15, deadline=None,
