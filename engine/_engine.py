@@ -338,6 +338,8 @@ class Engine:
     def _close(self, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         for invocation in self._snapshot():
+            invocation.release()  # a map whose iterator is not read finishes all the same
+        for invocation in self._snapshot():
             if not invocation.wait_done(_remaining(deadline)):
                 break
         # (a finished invocation may not be retired yet: its last thread is about to)

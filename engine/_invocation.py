@@ -40,6 +40,9 @@ _TARGET, _REQUEST = operator.itemgetter(0), operator.itemgetter(1)  # of a (targ
 #: are sent (`keep_results=False`): memory then holds the work in flight, not every payload of
 #: a stream whose callbacks lag.
 CALLBACK_BACKLOG = 2048
+#: Results of a map that its iterator has not yet handed out, past which no more of its targets
+#: are sent: a consumer slower than the workers holds a bounded backlog, not the whole input.
+STREAM_BACKLOG = 8192
 _CANCEL_CHUNK = 4096  #: targets cancelled before they were pulled, recorded together
 
 NamedCallback = tuple[str, Callback]
@@ -112,6 +115,8 @@ class Invocation:
         self.keep_results = keep_results
         #: its results go to one iterator (`responses`, for `Engine.map`), which takes them
         self.streamed = streamed
+        self._paced = streamed  # its feed waits for the iterator (see `release`)
+        self._untaken = 0  # results of the stream recorded and not yet handed out
         # Results in completion order, one `Responses` or tuple of records per delivery; none
         # unless keep_results or streamed. Tuples of plain values drop out of the garbage
         # collector's view, so a million kept results cost its full collections a few visits.
@@ -287,6 +292,8 @@ class Invocation:
             self._count += len(records)
             if self.keep_results or self.streamed:
                 self._chunks.append(records if isinstance(records, Responses) else tuple(records))
+            if self.streamed:
+                self._untaken += len(records)
             if self.on_final:
                 self._data.append(tuple(payloads))
             self._pending_callbacks += len(self.on_target) * len(records)
@@ -376,8 +383,24 @@ class Invocation:
         """Whether its on-target callbacks are so far behind that the pool should pull no more
         targets: each waiting callback holds a payload, a response included. Only a stream that
         keeps no results is held back (one that keeps them grows with its input anyway), so no
-        caller streaming its results with `as_completed` from a callback is ever held up."""
-        return not self.keep_results and self._pending_callbacks > CALLBACK_BACKLOG
+        caller streaming its results with `as_completed` from a callback is ever held up. A
+        map is held back likewise while its iterator is far behind (`STREAM_BACKLOG`)."""
+        return (not self.keep_results and self._pending_callbacks > CALLBACK_BACKLOG) or \
+            (self._paced and self._untaken > STREAM_BACKLOG)
+
+    def release(self) -> None:
+        """Let a map's feed run whatever its iterator does: at shutdown, or when a thread
+        waits for it, which must not wait for a consumer that may never come."""
+        self._paced = False
+        self._pool.resume()
+
+    def _handed(self, count: int) -> None:
+        """The iterator handed out `count` more results; the feed goes on once it caught up."""
+        with self._cond:
+            before = self._untaken
+            self._untaken -= count
+        if before > STREAM_BACKLOG >= self._untaken:
+            self._pool.resume()
 
     def _notify(self) -> None:
         """Under `_cond`: wake every thread waiting for news of this invocation."""
@@ -418,6 +441,8 @@ class Invocation:
         """Once every result is in and every callback finished: ``{target: Result}`` for a
         mapping, else one Result per pair in the order given. Results are made while the
         targets still run, not all at once after the last one."""
+        if self.streamed:
+            self.release()  # (its results are its iterator's: this only waits)
         made: list[Result] = []
         for chunk in self._landing(timeout, lambda: self.phase is Phase.DONE):
             made += as_results(chunk)
@@ -443,15 +468,18 @@ class Invocation:
                     landed = ahead.pop(position)
                     if isinstance(landed, Responses):
                         yield from landed.values
+                        self._handed(len(landed))
                         position += len(landed)
                     elif landed[3]:
                         yield landed[4]
+                        self._handed(1)
                         position += 1
                     else:
                         raise landed[5]
         finally:
             with self._cond:  # what lands from now on has no taker
                 self.streamed, self._chunks = False, []
+            self.release()
             if self.phase is Phase.RUNNING:
                 self.cancel()
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import time
 import traceback
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,38 @@ def test_the_responses_are_the_iterators_alone(engine: Engine) -> None:
     assert engine.wait("kept", timeout=30) == []
     with pytest.raises(ValueError, match="keeps no results"):
         engine.as_completed("kept")
+
+
+class Counted:
+    """An input that counts how far it was pulled."""
+
+    def __init__(self, count: int) -> None:
+        self.pulled, self._count = 0, count
+
+    def __iter__(self) -> Iterator[int]:
+        for item in range(self._count):
+            self.pulled += 1
+            yield item
+
+
+def test_a_slow_reader_holds_the_input_back(engine: Engine) -> None:
+    requests = Counted(100_000)
+    responses = engine.map(targets.double, requests)
+    assert next(responses) == 0
+    time.sleep(1.0)  # the workers would run all 100,000 in a fraction of that
+    assert requests.pulled < 30_000, f"{requests.pulled} pulled while the reader read one"
+    assert list(responses) == [2 * i for i in range(1, 100_000)]
+
+
+def test_an_unread_map_neither_hangs_wait_nor_shutdown() -> None:
+    eng = Engine(workers=2)
+    try:
+        responses = eng.map(targets.double, Counted(50_000), cid="unread")
+        assert next(responses) == 0
+        assert eng.wait("unread", timeout=60) == []  # it waits without the reader
+    finally:
+        eng.shutdown(wait=True, timeout=60)
+    assert list(responses) == [2 * i for i in range(1, 50_000)]  # kept for their reader
 
 
 def _resident() -> tuple[int, int]:
