@@ -468,6 +468,7 @@ def dispatch_entries(s: Sizes, chosen: list[type[Contender]]) -> list[Entry]:
 def stream_entries(s: Sizes, chosen: list[type[Contender]]) -> list[Entry]:
     return [("engine", functools.partial(stream_engine, True, s)),
             ("engine, keep_results=False", functools.partial(stream_engine, False, s)),
+            ("engine.map", functools.partial(stream_peer, EngineContender, s)),
             *[(f"{cls.label}.map", functools.partial(stream_peer, cls, s))
               for cls in chosen if cls is not EngineContender]]
 
