@@ -173,7 +173,8 @@ class Engine:
         small targets. `timeout` limits each target's run, as in `invoke` (not the iteration).
         Leaving the iteration early (a `break`, or a target's exception) cancels the targets not
         yet sent to a worker. The results are the iterator's alone, as with
-        ``keep_results=False``: memory holds those not yet taken, and ``wait(cid)`` only waits.
+        ``keep_results=False`` (``wait(cid)`` only waits), and no more targets are sent while
+        it is `STREAM_BACKLOG` results behind: memory stays bounded however slow its reader.
         """
         invocation = self._start(_Each(target, requests), Channel.PARALLEL_EXEC_CALL, callbacks,
                                  None, cid, source, timeout, retries, retry_on, False)
