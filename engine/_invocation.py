@@ -455,7 +455,8 @@ class Invocation:
         """Each target's response in input order, once it and every one before it are in; a
         failure raises its exception in its turn. Leaving early cancels the targets not yet
         sent to a worker. A batch's responses are handed on as they came (no `Result`), and
-        the invocation keeps none of them: memory holds what was not yet taken."""
+        the invocation keeps none of them: memory holds those not yet handed out, which stop
+        the feed past `STREAM_BACKLOG` (a requeued or retried target still runs meanwhile)."""
         ahead: dict[int, Responses | Record] = {}  # landed before their turn, by first index
         position = 0
         try:
