@@ -17,6 +17,7 @@ import targets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_callbacks import Recorder
+from test_properties import EXPECTED
 
 from engine import (
     Engine,
@@ -165,6 +166,27 @@ def test_memory_holds_what_was_not_yet_taken_not_the_whole_map(engine: Engine) -
     grown = _resident()[1] - before
     assert taken >= size * count * 0.99
     assert grown < 150e6, f"the caller grew by {grown / 1e6:.0f} MB for a 400 MB map"
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(kinds=st.lists(st.sampled_from(sorted(EXPECTED)), max_size=8))
+def test_map_gives_each_response_until_the_first_failure_which_it_raises(
+        engine: Engine, kinds: list[str]) -> None:
+    got = []
+    raised = None
+    try:
+        for response in engine.map(targets.outcome, kinds, timeout=0.5):
+            got.append(response)
+    except Exception as exc:
+        raised = exc
+    failing = [k for k, kind in enumerate(kinds) if EXPECTED[kind] is not None]
+    stop = failing[0] if failing else len(kinds)
+    assert got == kinds[:stop]
+    if failing:
+        assert isinstance(raised, EXPECTED[kinds[stop]])
+    else:
+        assert raised is None
 
 
 @settings(max_examples=15, deadline=None,
