@@ -390,9 +390,11 @@ class Invocation:
 
     def release(self) -> None:
         """Let a map's feed run whatever its iterator does: at shutdown, or when a thread
-        waits for it, which must not wait for a consumer that may never come."""
-        self._paced = False
-        self._pool.resume()
+        waits for it, which must not wait for a consumer that may never come. Once only; a
+        feed that never waited for an iterator is left alone."""
+        if self._paced:
+            self._paced = False
+            self._pool.resume()
 
     def _handed(self, count: int) -> None:
         """The iterator handed out `count` more results; the feed goes on once it caught up."""
@@ -441,8 +443,7 @@ class Invocation:
         """Once every result is in and every callback finished: ``{target: Result}`` for a
         mapping, else one Result per pair in the order given. Results are made while the
         targets still run, not all at once after the last one."""
-        if self.streamed:
-            self.release()  # (its results are its iterator's: this only waits)
+        self.release()  # (a map's results are its iterator's: this only waits)
         made: list[Result] = []
         for chunk in self._landing(timeout, lambda: self.phase is Phase.DONE):
             made += as_results(chunk)

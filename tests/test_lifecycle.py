@@ -142,15 +142,16 @@ def test_ctrl_c_while_waiting_stops_the_workers(tmp_path: Path) -> None:
         print("waiting", flush=True)
         eng.wait(cid)
     """)
-    assert process.stdout.readline().strip() == "waiting"
-    time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    finally:
-        process.kill()
-    assert not wait_gone(pids, timeout=5), "workers outlived the interrupted caller"
-    assert "KeyboardInterrupt" in process.stderr.read()
+    with process:  # (closes its pipes)
+        assert process.stdout.readline().strip() == "waiting"
+        time.sleep(0.3)
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        finally:
+            process.kill()
+        assert not wait_gone(pids, timeout=5), "workers outlived the interrupted caller"
+        assert "KeyboardInterrupt" in process.stderr.read()
 
 
 def test_workers_exit_on_their_own_when_the_caller_is_killed(tmp_path: Path) -> None:
@@ -158,8 +159,9 @@ def test_workers_exit_on_their_own_when_the_caller_is_killed(tmp_path: Path) -> 
         eng.invoke([(targets.sleep, 60)] * 4)
         time.sleep(60)
     """)
-    process.kill()
-    process.wait(timeout=10)
+    with process:
+        process.kill()
+        process.wait(timeout=10)
     assert not wait_gone(pids, timeout=10), "workers outlived the killed caller"
 
 
@@ -175,7 +177,8 @@ def test_a_script_that_never_shuts_down_exits_cleanly_and_runs_its_callbacks(
         eng.invoke([(targets.sleep, 0.3)] * 4, callbacks=[note])
         print("invoked", flush=True)
     """)
-    assert process.wait(timeout=30) == 0, process.stderr.read()
+    with process:
+        assert process.wait(timeout=30) == 0, process.stderr.read()
     assert out.read_text().split() == ["0.3"] * 4
     assert not wait_gone(pids, timeout=5)
 

@@ -148,7 +148,8 @@ def test_an_unread_map_neither_hangs_wait_nor_shutdown() -> None:
 
 def _resident() -> tuple[int, int]:
     """(resident, peak resident) bytes of this process, from /proc/self/status."""
-    fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status)
     return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
 
 
