@@ -5,18 +5,17 @@ threads hold, on every Python version. The child imports only the worker's modul
 caller's ``__main__``, so it is serving some tens of milliseconds after it was asked for. Its
 pipes, journal and spill file are inherited file descriptors; the caller's ``sys.path`` is its
 first message, so targets import in the worker as they do in the caller. A large response is
-read from the spill file here: its pickle copied, its large buffers mapped (`_Buffer`).
+read from the spill file here (`engine._spill`).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 import subprocess
 import sys
-from typing import NoReturn
 
+from . import _spill
 from ._journal import Journal
 from ._pipe import Pipe
 
@@ -102,14 +101,15 @@ class WorkerProcess:
     def read_spill(self, raw: bool, places: list[tuple[int, int]]) -> object:
         """The large response the worker wrote to its spill file at `places`, (offset, size)
         each: the `bytes` response or the pickle (the first) is copied; the pickle's
-        out-of-band buffers are mapped with no copy (`_Buffer`), so a numpy array is made on
-        the pages the worker wrote. The worker writes no other response until `release_spill`."""
+        out-of-band buffers are mapped with no copy (`engine._spill.Buffer`), so a numpy array
+        is made on the pages the worker wrote. The worker writes no other response until
+        `release_spill`."""
         (offset, size), *buffers = places
         self._copied = offset, size
-        data = _read(self.spill, size, offset)
+        data = _spill.read(self.spill, size, offset)
         if raw:
             return data
-        return pickle.loads(data, buffers=[_Buffer(self.spill, length, at)
+        return pickle.loads(data, buffers=[_spill.Buffer(self.spill, length, at)
                                            for at, length in buffers])
 
     def release_spill(self) -> None:
@@ -118,57 +118,12 @@ class WorkerProcess:
         if self._closed:
             return
         if self._copied is not None:
-            _free(self.spill, *self._copied)
+            _spill.free(self.spill, *self._copied)
             self._copied = None
         try:
             os.write(self.acks, b"\0")
         except OSError:
             pass  # it is gone
-
-
-class _Buffer(mmap.mmap):
-    """An out-of-band buffer of a response, mapped from its worker's spill file with no copy.
-
-    The mapping is private, as memory of one's own: a write copies its page, and a child forked
-    later keeps its own view. The pages leave the file when the last object made on the buffer
-    is freed (through a second, shared mapping: only such a mapping may free a file's pages),
-    unless the process forked meanwhile, for the child may still read them: they then go with
-    the spill file, when the worker is gone and no mapping is left.
-    """
-
-    __slots__ = ("_file", "_forks")
-    _file: mmap.mmap  #: the same pages, shared: what frees them
-    _forks: int  #: `_forks` when it was made
-
-    def __new__(cls, fd: int, length: int, offset: int) -> _Buffer:
-        file = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, offset=offset)
-        self = super().__new__(cls, fd, length, flags=mmap.MAP_PRIVATE, offset=offset)
-        self._file, self._forks = file, _forks
-        return self
-
-    def __del__(self) -> None:
-        with self._file:
-            if self._forks == _forks and _REMOVE:
-                self._file.madvise(_REMOVE)
-
-
-_REMOVE = getattr(mmap, "MADV_REMOVE", 0)  # Linux: free the pages and the file's memory
-_forks = 0  #: how many times this process forked: buffers older than a fork are shared
-
-
-def _count_fork() -> None:
-    global _forks
-    _forks += 1
-
-
-os.register_at_fork(before=_count_fork)
-
-
-def _free(fd: int, offset: int, size: int) -> None:
-    """Free the memory of `size` bytes of the file `fd` from `offset` (a hole remains)."""
-    if size and _REMOVE:
-        with mmap.mmap(fd, size, offset=offset) as pages:
-            pages.madvise(_REMOVE)
 
 
 def _enlarge(fd: int, size: int) -> int:
@@ -179,18 +134,3 @@ def _enlarge(fd: int, size: int) -> int:
         return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
     except (ImportError, AttributeError, OSError):  # not Linux, or over the system's limit
         return 1 << 16  # Linux's default
-
-
-def _read(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) < size:  # one read returns at most about 2 GB
-        parts = [data]
-        while (done := sum(map(len, parts))) < size:
-            parts.append(os.pread(fd, size - done, offset + done) or _short())
-        data = b"".join(parts)
-    return data
-
-
-def _short() -> NoReturn:
-    raise EOFError("the spill file is shorter than announced")
-
