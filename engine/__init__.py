@@ -6,28 +6,6 @@
 ...     results = eng.wait(cid)
 """
 
-from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import Any as _Any
-
-from ._context import CallContext as CallContext
-from ._context import Channel as Channel
-from ._context import current_context as current_context
-from ._exceptions import DuplicateCidError as DuplicateCidError
-from ._exceptions import EngineBrokenError as EngineBrokenError
-from ._exceptions import EngineClosedError as EngineClosedError
-from ._exceptions import EngineError as EngineError
-from ._exceptions import InvocationError as InvocationError
-from ._exceptions import MemoryLimitError as MemoryLimitError
-from ._exceptions import RemoteError as RemoteError
-from ._exceptions import SerializationError as SerializationError
-from ._exceptions import TargetCancelledError as TargetCancelledError
-from ._exceptions import TargetError as TargetError
-from ._exceptions import TargetTimeoutError as TargetTimeoutError
-from ._exceptions import UnknownNameError as UnknownNameError
-from ._exceptions import WorkerCrashedError as WorkerCrashedError
-from ._exceptions import WorkerStartError as WorkerStartError
-from ._result import Result as Result
-
 __all__ = [
     "CallContext",
     "Channel",
@@ -52,30 +30,54 @@ __all__ = [
     "current_context",
 ]
 
-# The engine itself is imported on first use: a worker process imports this package too (for
-# engine._worker), and starts faster without it.
-_LAZY = {"Engine", "EngineState", "EngineStats"}
-if _TYPE_CHECKING:
+# Each name is imported on first use: a worker process imports this package too (for
+# engine._worker), and starts faster without the rest. Each module marks its public objects as
+# engine's (`__module__`), so reprs and pickles say engine.X however they were imported.
+_HOMES = {
+    "_engine": ("Engine", "EngineState", "EngineStats"),
+    "_result": ("Result",),
+    "_context": ("CallContext", "Channel", "current_context"),
+    "_exceptions": ("DuplicateCidError", "EngineBrokenError", "EngineClosedError", "EngineError",
+                    "InvocationError", "MemoryLimitError", "RemoteError", "SerializationError",
+                    "TargetCancelledError", "TargetError", "TargetTimeoutError",
+                    "UnknownNameError", "WorkerCrashedError", "WorkerStartError"),
+}
+_HOME = {name: module for module, names in _HOMES.items() for name in names}
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._context import CallContext as CallContext
+    from ._context import Channel as Channel
+    from ._context import current_context as current_context
     from ._engine import Engine as Engine
     from ._engine import EngineState as EngineState
     from ._engine import EngineStats as EngineStats
+    from ._exceptions import DuplicateCidError as DuplicateCidError
+    from ._exceptions import EngineBrokenError as EngineBrokenError
+    from ._exceptions import EngineClosedError as EngineClosedError
+    from ._exceptions import EngineError as EngineError
+    from ._exceptions import InvocationError as InvocationError
+    from ._exceptions import MemoryLimitError as MemoryLimitError
+    from ._exceptions import RemoteError as RemoteError
+    from ._exceptions import SerializationError as SerializationError
+    from ._exceptions import TargetCancelledError as TargetCancelledError
+    from ._exceptions import TargetError as TargetError
+    from ._exceptions import TargetTimeoutError as TargetTimeoutError
+    from ._exceptions import UnknownNameError as UnknownNameError
+    from ._exceptions import WorkerCrashedError as WorkerCrashedError
+    from ._exceptions import WorkerStartError as WorkerStartError
+    from ._result import Result as Result
 else:
     def __dir__() -> list[str]:
-        return sorted(set(globals()) | _LAZY)
+        return sorted(set(globals()) | set(__all__))
 
-    def __getattr__(name: str) -> _Any:
-        if name not in _LAZY:
+    def __getattr__(name: str) -> object:
+        if name not in _HOME:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        from . import _engine
+        import importlib
 
-        for lazy in _LAZY:
-            value = getattr(_engine, lazy)
-            value.__module__ = __name__
-            globals()[lazy] = value
-        return globals()[name]
-
-for _name in set(__all__) - _LAZY:  # errors and reprs say engine.X, not engine._module.X
-    globals()[_name].__module__ = __name__
-del _name
+        value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+        globals()[name] = value
+        return value
+del TYPE_CHECKING
 
 __version__ = "0.1.0"

@@ -25,7 +25,8 @@ from typing import Any
 
 import cloudpickle
 
-from ._context import CallContext, _current
+from ._context import CallContext
+from ._running import current
 
 logger = logging.getLogger("engine")
 
@@ -202,7 +203,7 @@ class CallbackPool:
 
     def _call(self, job: Job) -> None:
         fn, _, payload, context, _ = job
-        token = _current.set(context)
+        token = current.set(context)
         try:
             fn(payload)
         except BaseException as exc:
@@ -210,7 +211,7 @@ class CallbackPool:
         else:
             self._finished(job, None)
         finally:
-            _current.reset(token)
+            current.reset(token)
 
     def _submit_to_executor(self, job: Job) -> None:
         assert self._executor is not None
@@ -244,8 +245,8 @@ class CallbackPool:
 def _call_pickled(blob: bytes) -> None:
     """Run a callback in an executor's process, with its context set as on the thread pool."""
     fn, payload, context = cloudpickle.loads(blob)
-    token = _current.set(context)
+    token = current.set(context)
     try:
         fn(payload)
     finally:
-        _current.reset(token)
+        current.reset(token)

@@ -6,10 +6,10 @@ to learn their channel and CID, as a service of the original platform reads ``se
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import enum
-from typing import Any
+
+from ._running import BatchCursor, current
 
 
 class Channel(enum.StrEnum):
@@ -33,37 +33,16 @@ class CallContext:
     index: int | None
 
 
-class BatchCursor:
-    """The context of the targets of a worker's batch: set once for the batch, then moved to
-    each target in turn (a context variable's set and reset for each target cost a quarter of
-    what a worker spends on a quick one)."""
-
-    __slots__ = ("prefix", "names", "indices", "first_id", "task_id")
-
-    def __init__(self, prefix: tuple[str, str, str], names: list[str], indices: Any,
-                 first_id: int) -> None:
-        self.prefix, self.names, self.indices = prefix, names, indices
-        self.first_id = self.task_id = first_id  #: task_id: the target running now
-
-    @property
-    def target(self) -> str:
-        return self.names[self.task_id - self.first_id]
-
-    def context(self) -> tuple[Any, ...]:
-        return (*self.prefix, self.target, self.indices[self.task_id - self.first_id])
-
-
-# A plain tuple (a callback's) or a worker's cursor, made a CallContext only when asked for.
-_current: contextvars.ContextVar[CallContext | tuple[Any, ...] | BatchCursor | None] = \
-    contextvars.ContextVar("engine_call_context", default=None)
-
-
 def current_context() -> CallContext | None:
     """The context of the target or callback running in this thread, or None outside one."""
-    context = _current.get()
+    context = current.get()
     if isinstance(context, BatchCursor):
         context = context.context()
     if isinstance(context, tuple):
         channel, *rest = context
         return CallContext(Channel(channel), *rest)
     return context
+
+
+for _public in (Channel, CallContext, current_context):  # reprs and pickles say engine.X
+    _public.__module__ = "engine"

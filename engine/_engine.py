@@ -476,3 +476,7 @@ def _shutdown_at_exit() -> None:
 
 
 threading._register_atexit(_shutdown_at_exit)  # type: ignore[attr-defined]
+
+
+for _public in (Engine, EngineState, EngineStats):  # reprs and pickles say engine.X
+    _public.__module__ = "engine"

@@ -174,3 +174,10 @@ class RemoteError(TargetError):
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}\n\nRemote traceback:\n{self.traceback}"
+
+
+for _public in (EngineError, InvocationError, UnknownNameError, DuplicateCidError,
+                EngineClosedError, TargetError, WorkerCrashedError, WorkerStartError,
+                EngineBrokenError, TargetTimeoutError, MemoryLimitError, TargetCancelledError,
+                SerializationError, RemoteError):  # reprs and pickles say engine.X
+    _public.__module__ = "engine"

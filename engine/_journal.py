@@ -25,14 +25,18 @@ import mmap
 import os
 import pickle
 import struct
-from collections.abc import Iterator
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (typing is not imported at run time: workers start faster without it)
+    from collections.abc import Iterator
+    from typing import Any
+
+    Entry = tuple[int, Any, int, float, float]  #: task id, value, status, started, finished
 
 OUTCOMES = b"\x80\x03("  #: the start of every message of entries: PROTO 3, MARK
 _END = b"l."  #: LIST, STOP: what the reader appends
 _HEADER = 8  #: bytes of the header: the end of the committed entries, an unsigned 64-bit int
 _START = _HEADER + len(OUTCOMES)
-Entry = tuple[int, Any, int, float, float]  #: task id, value, status, started, finished
 _LONG1, _NONE, _BININT, _BININT1, _BINFLOAT = 0x8A, 0x4E, 0x4A, 0x4B, 0x47
 _BINUNICODE, _BINBYTES = 0x58, 0x42
 _ID = struct.Struct("<BBq")  #: the task id: LONG1 of 8 bytes (pickle's ints are little-endian)

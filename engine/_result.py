@@ -145,3 +145,7 @@ def record(invocation: Any, index: int, target: str, outcome: Outcome, attempts:
 def as_results(records: Iterable[Record]) -> list[Result]:
     """Records made Results, in C: no Python code runs per record."""
     return list(map(tuple.__new__, repeat(Result), records))
+
+
+for _public in (Result,):  # reprs and pickles say engine.X
+    _public.__module__ = "engine"

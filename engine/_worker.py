@@ -29,14 +29,17 @@ import signal
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from typing import Any
 
-from ._context import BatchCursor, _current
-from ._exceptions import RemoteError, SerializationError
 from ._journal import Journal
 from ._pipe import Pipe
+from ._running import BatchCursor, current
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any
+
+    from ._exceptions import SerializationError
 
 CONTROL = b"C"  #: the first byte of a READY or START_FAILED message
 LARGE = b"L"  #: the first byte of the header of a response written to the spill file
@@ -76,6 +79,8 @@ def serve(tasks: Pipe, outcomes: Pipe, reporter: _Reporter, parent_pid: int,
             fn, args = pickle.loads(initializer)
             fn(*args)
         except BaseException as exc:
+            import traceback
+
             text = "".join(traceback.format_exception(exc))
             outcomes.send_bytes(CONTROL + pickle.dumps((START_FAILED, text)))
             os._exit(3)
@@ -168,8 +173,8 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
                 reporter.report(task_id, UNLOADED, moment, moment, b"")
             reporter.flush()
             return
-        error = SerializationError(names[0], "request", f"unpickling in the worker failed: "
-                                                        f"{type(exc).__name__}: {exc}")
+        error = _serialization_error(names[0], "request", f"unpickling in the worker failed: "
+                                                          f"{type(exc).__name__}: {exc}")
         moment = time.time()
         reporter.report(first_id, FAILED, moment, moment, _failure(error))
         reporter.flush()
@@ -178,12 +183,12 @@ def run_batch(batch: tuple[Any, ...], functions: dict[bytes, Any], reporter: _Re
     for position in set(positions):  # a part of a batch may not use all of its functions
         fns[position] = _function(fn_blobs[position], names[positions.index(position)], functions)
     cursor = BatchCursor(prefix, names, indices, first_id)
-    token = _current.set(cursor)
+    token = current.set(cursor)
     try:
         _run_tasks(cursor, zip(task_ids, positions, requests, strict=True), fns, flush_each,
                    reporter)
     finally:
-        _current.reset(token)
+        current.reset(token)
     reporter.flush()
 
 
@@ -209,8 +214,8 @@ def _run_tasks(cursor: BatchCursor, tasks: Iterator[tuple[int, int, Any]], fns: 
                 try:
                     body = _dumps(response)
                 except BaseException as exc:
-                    error = SerializationError(cursor.target, "response",
-                                               f"{type(exc).__name__}: {exc}")
+                    error = _serialization_error(cursor.target, "response",
+                                                 f"{type(exc).__name__}: {exc}")
                     reporter.report(task_id, FAILED, started, finished, _failure(error))
                 else:
                     if isinstance(body, bytes):
@@ -232,9 +237,15 @@ def _function(blob: bytes, name: str, functions: dict[bytes, Any]) -> Callable[[
             fn = pickle.loads(blob)
         except BaseException as exc:
             why = f"unpickling in the worker failed: {type(exc).__name__}: {exc}"
-            fn = _raiser(SerializationError(name, "function", why))
+            fn = _raiser(_serialization_error(name, "function", why))
         functions[blob] = fn
     return fn
+
+
+def _serialization_error(target: str, what: str, why: str) -> SerializationError:
+    from ._exceptions import SerializationError  # when needed: a worker starts faster without
+
+    return SerializationError(target, what, why)
 
 
 def _raiser(error: BaseException) -> Callable[[Any], Any]:
@@ -285,8 +296,12 @@ def _own(exc: BaseException) -> BaseException:
 def _failure(exc: BaseException) -> bytes:
     """(exception blob, traceback text): the exception with its traceback and chain (tblib),
     or its facts as text if it won't travel."""
+    import traceback
+
     import cloudpickle
     from tblib import pickling_support
+
+    from ._exceptions import RemoteError
 
     text = "".join(traceback.format_exception(exc))
     try:

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import bare
 import pytest
 import targets
 from conftest import script_env, wait_gone
@@ -204,6 +205,15 @@ def test_workers_start_safely_while_caller_threads_hold_locks() -> None:
     finally:
         release.set()
         holder.join()
+
+
+def test_a_worker_imports_only_its_loop() -> None:
+    """A worker starts faster for importing only its loop, journal and pipe (not the engine
+    itself, its exceptions or its results), until a target asks for more."""
+    with Engine(workers=1) as eng:
+        (result,) = eng.wait(eng.invoke([(bare.engine_modules, None)]), timeout=60)
+    assert result.response == ["engine", "engine._journal", "engine._pipe", "engine._running",
+                               "engine._worker"]
 
 
 def test_functions_of_a_notebook_style_main_without_a_file_work() -> None:
