@@ -90,6 +90,7 @@ def test_an_unpicklable_response_fails_that_target_only(engine: Engine) -> None:
     cid = engine.invoke([(targets.unpicklable_response, None), (targets.echo, "fine")])
     bad, good = engine.wait(cid, timeout=30)
     assert isinstance(bad.exception, SerializationError) and bad.exception.what == "response"
+    assert "engine.SerializationError: " in bad.traceback  # as the worker printed it
     assert good.ok
 
 
