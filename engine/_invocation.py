@@ -155,6 +155,11 @@ class Invocation:
                     return batch
         return None
 
+    @property
+    def exhausted(self) -> bool:
+        """Every target was pulled: their number is known, and reached."""
+        return self._pulled == self.total
+
     def _checked_batch(self, start: int, pairs: list[tuple[Any, Any]]) -> Batch | None:
         """The batch of pairs from a list checked at invoke: one target for all, mostly."""
         if not pairs:

@@ -6,9 +6,13 @@ small and imports almost nothing, which matters for a worker's start-up.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import struct
+import time
+
+_yield = getattr(os, "sched_yield", lambda: None)
 
 
 class Pipe:
@@ -18,6 +22,9 @@ class Pipe:
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
+        # not select.select: it cannot watch descriptors past 1023
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
 
     def send_bytes(self, data: bytes | memoryview) -> None:
         size = len(data)
@@ -36,9 +43,33 @@ class Pipe:
 
     def poll(self) -> bool:
         """Whether a message (or the end of the pipe) can be read without waiting."""
-        poller = select.poll()  # not select.select: it cannot watch descriptors past 1023
-        poller.register(self._fd, select.POLLIN)
-        return bool(poller.poll(0))
+        return bool(self._poller.poll(0))
+
+    def wait(self, seconds: float, spin: float = 0.0) -> bool:
+        """Whether a message (or the end of the pipe) comes within `seconds`; for the first
+        `spin` of them, watched for without sleeping (yielding the CPU to whatever else is ready
+        to run): a process asleep in a read wakes some tens of microseconds after the write,
+        and the write takes longer too."""
+        poll, clock = self._poller.poll, time.monotonic
+        start = clock()
+        while not poll(0):
+            waited = clock() - start
+            if waited >= spin:
+                return bool(poll(max(0, math.ceil((seconds - waited) * 1e3))))
+            _yield()
+        return True
+
+    def unread(self) -> bool:
+        """Whether bytes written to the pipe are not read yet (True where that is unknown)."""
+        try:
+            import fcntl
+            import termios
+
+            count = bytearray(4)
+            fcntl.ioctl(self._fd, termios.FIONREAD, count)
+        except (ImportError, AttributeError, OSError):
+            return True
+        return count != bytes(4)
 
     def close(self) -> None:
         if self._fd >= 0:

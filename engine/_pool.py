@@ -77,7 +77,7 @@ from ._exceptions import (
 from ._journal import OUTCOMES, read_items
 from ._process import WorkerProcess
 from ._result import Outcome, Record, Records, Responses, record
-from ._worker import FAILED, LARGE, OK, PICKLED, START_FAILED, UNLOADED
+from ._worker import FAILED, KEEP_SECONDS, LARGE, OK, PICKLED, START_FAILED, UNLOADED
 
 LOADED = -3  #: a status of the pool's own: a large response, already read from the spill file
 
@@ -155,14 +155,18 @@ class Owner(Protocol):
     def next_tasks(self, limit: int) -> Batch | None:
         """Up to `limit` next tasks, pulled only as workers free up; None once there are none."""
 
+    @property
+    def exhausted(self) -> bool:
+        """Every task was pulled, as far as is known without pulling again."""
+
 
 Deliver = Callable[[Owner, Records], None]  #: an owner's results, in the order they ran
 
 
 class _Worker:
     __slots__ = ("process", "tasks", "outcomes", "journal", "pid", "ready", "inflight", "held",
-                 "gone", "lent", "head_since", "deadline", "tasks_run", "last_rss", "growth",
-                 "start_error")
+                 "gone", "lent", "kept_since", "head_since", "deadline", "tasks_run", "last_rss",
+                 "growth", "start_error")
 
     def __init__(self, process: WorkerProcess) -> None:
         self.process = process
@@ -173,6 +177,9 @@ class _Worker:
         self.held: tuple[Batch, bytes] | None = None  # a batch waiting for it to be idle
         self.gone = False  # its task pipe is broken: it is dying, its sentinel will say so
         self.lent = False  # a waiting caller's thread watches its outcome pipe, not the manager
+        #: monotonic seconds since nobody watches its outcome pipe: the caller's thread that sent
+        #: it an invocation's last batch is likely to wait for it (see `_dispatch_here`)
+        self.kept_since: float | None = None
         self.head_since = 0.0  # epoch seconds when inflight[0] started (at the latest)
         self.deadline: float | None = None  # monotonic seconds, for inflight[0]
         self.tasks_run = 0
@@ -254,6 +261,7 @@ class TargetPool:
         self._workers: list[_Worker] = []
         self._retiring: list[_Worker] = []  # told to stop, not yet exited; not counted in size
         self._next_memory_check = 0.0  # monotonic seconds
+        self._keeping = True  # whether callers wait for their results (see `_dispatch_here`)
         self._feeds: collections.deque[Owner] = collections.deque()
         self._requeued: collections.deque[Batch] = collections.deque()
         self._closing = False
@@ -298,25 +306,41 @@ class TargetPool:
 
     def _dispatch_here(self, feed: Owner) -> None:
         """Under `_lock`, in a caller's thread: add `feed` and dispatch. The manager is woken
-        when it must look again: to time a deadline, or when no running task will wake it."""
+        when it must look again: to time a deadline, or when no running task will wake it.
+
+        The manager stops watching the worker sent the feed's last batch (it is *kept*): the
+        caller is likely to wait for its result next, and to receive it itself (`lend`). A quick
+        target may finish before the caller waits; were the manager watching, it would wake and
+        take the result over, which costs both threads the hand-over of the GIL. A worker whose
+        outcome nobody read for `KEEP_SECONDS` wakes the manager (`engine._worker`), which
+        watches it again (`_watch_kept`): a result whose caller does not wait is received all
+        the same, that much later; from then on no worker is kept until a caller waits again."""
         self._feeds.append(feed)
+        keep = self._keeping and feed.timeout is None and self._limits.max_memory_per_worker is None
         try:
             for worker in [] if self._requeued else sorted(self._workers, key=_Worker.waiting):
                 room = self._room(worker)  # (what was requeued goes first: the manager's)
                 if not room:
                     continue
                 batch = feed.next_tasks(min(room, self._batch_size(feed)))
-                if batch is None:
+                if batch is None or feed.exhausted:
                     self._feeds.pop()  # all sent: nothing left for the manager to pull
+                if batch is None:
                     break
+                if keep and feed.exhausted and not worker.lent and worker.kept_since is None:
+                    self._selector.unregister(worker.outcomes)
+                    worker.kept_since = time.monotonic()
                 self._send(worker, batch)
+                if feed.exhausted:
+                    break
+            if self._feeds and self._feeds[-1] is feed:
+                self._watch_kept(0.0)  # the manager sends the rest as workers report
         except BaseException as exc:
             self._wake()
             self._break("dispatch", exc)
             return
-        if feed.timeout is not None or self._limits.max_memory_per_worker \
-                or not any(w.inflight for w in self._workers):
-            self._wake()  # a new deadline to time, memory to watch, or no outcome to wake it
+        if not keep or self._requeued or not any(w.inflight for w in self._workers):
+            self._wake()  # a deadline to time, memory to watch, or no outcome that wakes it
 
     def lend(self, owner: Owner) -> Loan | None:
         """Lend the outcome pipes of the workers running `owner`'s last tasks to the calling
@@ -335,8 +359,10 @@ class TargetPool:
             if not lent:
                 return None
             for worker in lent:
-                self._selector.unregister(worker.outcomes)
-                worker.lent = True
+                if worker.kept_since is None:
+                    self._selector.unregister(worker.outcomes)
+                worker.lent, worker.kept_since = True, None
+            self._keeping = True  # callers wait for their results
             fds = [fd for w in lent for fd in (w.outcomes.fileno(), w.process.sentinel)]
             return Loan(lent, fds)
         finally:
@@ -427,6 +453,7 @@ class TargetPool:
             while True:
                 with self._lock:
                     self._handle(ready)
+                    self._watch_kept(KEEP_SECONDS / 2)  # (the worker waits a whole one)
                     self._expire()
                     self._take_commands()
                     self._spawn_missing()
@@ -479,6 +506,18 @@ class TargetPool:
             deadlines.append(self._next_memory_check)
         return max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
 
+    def _watch_kept(self, age: float) -> None:
+        """Watch again the workers kept at least `age` seconds (see `_dispatch_here`); if one
+        has an outcome, its caller did not wait for it: keep no more until one does."""
+        now = time.monotonic()
+        for worker in self._workers:
+            if worker.kept_since is not None and now - worker.kept_since >= age:
+                worker.kept_since = None
+                if age and worker.outcomes.poll():
+                    self._keeping = False
+                self._selector.register(worker.outcomes, selectors.EVENT_READ,
+                                        ("outcome", worker))
+
     def _handle(self, ready: list[tuple[selectors.SelectorKey, int]]) -> None:
         exits = []
         for key, _ in ready:
@@ -502,7 +541,7 @@ class TargetPool:
             return
         while len(self._workers) < self._size:
             try:
-                process = WorkerProcess(_JOURNAL_SIZE, self._limits.initializer)
+                process = WorkerProcess(_JOURNAL_SIZE, self._limits.initializer, self._wake_w)
             except OSError as exc:
                 self._start_failed(f"{type(exc).__name__}: {exc}")
                 return

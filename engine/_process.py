@@ -37,7 +37,8 @@ _BOOTSTRAP = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
 class WorkerProcess:
     """One worker interpreter, with the caller's ends of its pipes and its journal."""
 
-    def __init__(self, journal_size: int, initializer: bytes | None) -> None:
+    def __init__(self, journal_size: int, initializer: bytes | None, nudge: int) -> None:
+        """`nudge`: the write end of a pipe that wakes the pool's manager (see `engine._worker`)."""
         tasks_r, tasks_w = os.pipe()
         outcomes_r, outcomes_w = os.pipe()
         acks_r, acks_w = os.pipe()
@@ -50,8 +51,9 @@ class WorkerProcess:
             self._popen = subprocess.Popen(
                 [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_PARENT,
                  *map(str, child_fds), str(journal_size), str(self.spill), str(acks_r),
-                 str(os.getpid())],
-                pass_fds=(*child_fds, self.spill, acks_r, *(() if exit_w is None else (exit_w,))),
+                 str(os.getpid()), str(nudge)],
+                pass_fds=(*child_fds, self.spill, acks_r, nudge,
+                          *(() if exit_w is None else (exit_w,))),
                 stdin=subprocess.DEVNULL)
         except BaseException:
             for fd in (tasks_w, outcomes_r, acks_w, self.spill, exit_r):

@@ -50,6 +50,13 @@ START_FAILED = -2
 #: value is the pickled failure; UNLOADED: its batch did not unpickle, it did not run.
 FAILED, OK, UNLOADED, PICKLED = 0, 1, 2, 3
 FLUSH_INTERVAL = 0.001  #: seconds a finished outcome may wait for the rest of its batch
+#: Seconds an idle worker watches for its next batch before it sleeps, if the last one came as
+#: soon: a sequence of quick invocations (or the next target of a slow one) then starts with no
+#: wake-up, and the pool's write to it is quicker. A worker idle longer costs no CPU.
+SPIN_SECONDS = 0.0002
+#: Seconds a worker's outcomes may wait unread for the caller that sent its batch (the pool's
+#: manager does not watch them meanwhile) before the worker wakes the manager to read them.
+KEEP_SECONDS = 0.001
 _FUNCTION_CACHE_SIZE = 256
 _PARENT_CHECK_INTERVAL = 0.5
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -57,19 +64,25 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 def main(argv: list[str]) -> None:
     """The worker process: its pipes, files and caller are given as numbers in `argv`."""
-    tasks_fd, outcomes_fd, journal_fd, journal_size, spill_fd, acks_fd, parent_pid = map(int, argv)
+    tasks_fd, outcomes_fd, journal_fd, journal_size, spill_fd, acks_fd, parent_pid, nudge = \
+        map(int, argv)
     tasks, outcomes = Pipe(tasks_fd), Pipe(outcomes_fd)
     try:
         sys.path[:], initializer = pickle.loads(tasks.recv_bytes())
     except (EOFError, OSError):
         return  # the pool went away before we started
     reporter = _Reporter(outcomes, Journal(journal_fd, journal_size), spill_fd, acks_fd)
-    serve(tasks, outcomes, reporter, parent_pid, initializer)
+    serve(tasks, outcomes, reporter, parent_pid, initializer, nudge)
 
 
 def serve(tasks: Pipe, outcomes: Pipe, reporter: _Reporter, parent_pid: int,
-          initializer: bytes | None = None) -> None:
-    """Run task batches from `tasks` until told to stop or the pool goes away."""
+          initializer: bytes | None = None, nudge: int | None = None) -> None:
+    """Run task batches from `tasks` until told to stop or the pool goes away.
+
+    Idle, a worker watches for its next batch without sleeping for `SPIN_SECONDS` if the last
+    one came as soon. If what it sent is still unread after `KEEP_SECONDS`, it writes to
+    `nudge`, which wakes the pool's manager: the caller it was kept for did not come to wait
+    for it (see `engine._pool.TargetPool._dispatch_here`)."""
     # Ctrl-C in a terminal reaches the whole process group; the caller decides what stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True,
@@ -86,14 +99,23 @@ def serve(tasks: Pipe, outcomes: Pipe, reporter: _Reporter, parent_pid: int,
             os._exit(3)
     outcomes.send_bytes(CONTROL + pickle.dumps((READY, os.getpid())))
     functions: dict[bytes, Callable[[Any], Any] | SerializationError] = {}
+    idle_since = gap = 0.0  # the last batch ended then; the next came so long after the one before
     while True:
+        spin = SPIN_SECONDS if gap < SPIN_SECONDS else 0.0  # quick succession: likely again
+        if not tasks.wait(KEEP_SECONDS, spin) and nudge is not None and outcomes.unread():
+            try:
+                os.write(nudge, b"\0")
+            except OSError:
+                pass  # the manager is gone, or has a wake-up pending (the pipe is full)
         try:
             message = tasks.recv_bytes()
         except (EOFError, OSError):
             return  # the pool closed our pipe or died
+        gap = time.monotonic() - idle_since
         if not message:
             return
         run_batch(pickle.loads(message), functions, reporter)
+        idle_since = time.monotonic()
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:

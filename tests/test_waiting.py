@@ -1,9 +1,12 @@
 """A caller waiting for the last targets of its invocation receives their outcomes itself.
 
 While it waits, the pool lends it the outcome pipes of the workers running them (the manager
-stops watching those): a result then reaches its caller without waking the manager thread.
-Whatever else happens meanwhile (other invocations, deaths, cancellations, a second waiter)
-must still reach everyone, and nothing may hang.
+stops watching those): a result then reaches its caller without waking the manager thread. The
+worker that a caller's thread sent an invocation's last batch is kept for it from then on, so
+that a quick target's result waits for its caller rather than wake the manager; if nobody reads
+it, the worker wakes the manager. Whatever else happens meanwhile (other invocations, deaths,
+cancellations, a second waiter, no waiter at all) must still reach everyone, and nothing may
+hang.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+import psutil
 import pytest
 import targets
 
@@ -40,6 +44,50 @@ def test_a_waiting_caller_receives_its_own_results(
     assert streamed.ok
     # (the manager may still take one now and then: it was busy when the caller looked)
     assert receivers.count(threading.current_thread().name) >= 4, receivers
+
+
+def test_a_quick_target_waits_for_its_caller_not_the_manager(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A no-op finishes long before its caller is back from `invoke`: the worker is kept for
+    the caller, so the manager does not take its result over (it did, mostly, before)."""
+    receivers: list[str] = []
+    receive = TargetPool._receive
+
+    def noting_receive(pool: TargetPool, worker: Any) -> bool:
+        receivers.append(threading.current_thread().name)
+        return receive(pool, worker)
+
+    engine.wait(engine.invoke([(targets.echo, 0)] * 4), timeout=30)
+    monkeypatch.setattr(TargetPool, "_receive", noting_receive)
+    for i in range(20):
+        cid = engine.invoke([(targets.echo, i)])
+        time.sleep(0.0005)  # it has finished by now; the manager would have woken for it
+        assert engine.wait(cid, timeout=30)[0].response == i
+    assert receivers.count(threading.current_thread().name) >= 15, receivers
+
+
+def test_a_result_nobody_waits_for_is_received_all_the_same(engine: Engine) -> None:
+    """Its worker was kept for a caller that never comes: the worker wakes the manager. Only
+    the callback shows the result; nothing else happens in the engine meanwhile."""
+    engine.wait(engine.invoke([(targets.echo, 0)] * 4), timeout=30)
+    for i in range(5):
+        called = threading.Event()
+        engine.invoke([(targets.echo, i)], callbacks=lambda payload, c=called: c.set())
+        assert called.wait(10), "the result of an invocation nobody waited for was not received"
+
+
+def test_an_idle_worker_stops_watching_and_sleeps(engine: Engine) -> None:
+    """After quick invocations one after another a worker watches for the next without
+    sleeping, briefly: idle, it must use no CPU."""
+    for i in range(200):
+        engine.wait(engine.invoke([(targets.echo, i)]), timeout=30)
+    workers = [psutil.Process(pid) for pid in engine.stats().worker_pids]
+    time.sleep(0.2)
+    before = [sum(w.cpu_times()[:2]) for w in workers]
+    time.sleep(1.0)
+    after = [sum(w.cpu_times()[:2]) for w in workers]
+    used = [b - a for a, b in zip(before, after, strict=True)]
+    assert max(used) < 0.05, f"idle workers used {used} s of CPU in 1 s"  # (0.01 s ticks)
 
 
 def test_other_invocations_run_while_a_caller_waits(engine: Engine) -> None:
