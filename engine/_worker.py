@@ -11,6 +11,7 @@ cloudpickle and tblib only once needed. It owns two pipes and a journal, created
                      LARGE + pickle((task id, status, started, finished, raw, places))
                                                               a large response, in the spill
     pool -> acks     one byte                                  it was read: write the next
+    worker -> nudge  one byte                                  what it sent is unread: look
 
 Each outcome is committed to the journal as soon as it exists; the journal is sent when the batch
 is done, when it is full, when the targets have a time limit (the pool then knows when the next
@@ -76,7 +77,7 @@ def main(argv: list[str]) -> None:
 
 
 def serve(tasks: Pipe, outcomes: Pipe, reporter: _Reporter, parent_pid: int,
-          initializer: bytes | None = None, nudge: int | None = None) -> None:
+          initializer: bytes | None, nudge: int) -> None:
     """Run task batches from `tasks` until told to stop or the pool goes away.
 
     Idle, a worker watches for its next batch without sleeping for `SPIN_SECONDS` if the last
@@ -99,10 +100,10 @@ def serve(tasks: Pipe, outcomes: Pipe, reporter: _Reporter, parent_pid: int,
             os._exit(3)
     outcomes.send_bytes(CONTROL + pickle.dumps((READY, os.getpid())))
     functions: dict[bytes, Callable[[Any], Any] | SerializationError] = {}
-    idle_since = gap = 0.0  # the last batch ended then; the next came so long after the one before
+    idle_since, gap = time.monotonic(), 0.0  # when the last batch ended; how soon the next came
     while True:
         spin = SPIN_SECONDS if gap < SPIN_SECONDS else 0.0  # quick succession: likely again
-        if not tasks.wait(KEEP_SECONDS, spin) and nudge is not None and outcomes.unread():
+        if not tasks.wait(KEEP_SECONDS, spin) and outcomes.unread():
             try:
                 os.write(nudge, b"\0")
             except OSError:

@@ -61,7 +61,7 @@ def test_a_quick_target_waits_for_its_caller_not_the_manager(
     monkeypatch.setattr(TargetPool, "_receive", noting_receive)
     for i in range(20):
         cid = engine.invoke([(targets.echo, i)])
-        time.sleep(0.0005)  # it has finished by now; the manager would have woken for it
+        time.sleep(0.0002)  # it has finished by now: a watching manager would have woken
         assert engine.wait(cid, timeout=30)[0].response == i
     assert receivers.count(threading.current_thread().name) >= 15, receivers
 
