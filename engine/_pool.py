@@ -15,6 +15,7 @@
                                     callbacks, never waits
     add_feed of a list, while the manager waits: sends the first batches itself ──► task pipes
     wait / as_completed, its targets all sent: polls their workers' lent pipes  ◄── outcomes
+                                  wake-up pipe  ◄──── a worker's nudge: what it sent is unread
 
 Quick targets travel in batches (about `BATCH_SECONDS` of work each, sized from what the
 owner's targets took so far; one at a time until that is known, or when they are slow). A worker
@@ -29,6 +30,10 @@ Invariants:
   manager a wake-up. Other calls are commands to the manager. Results are queued
   under the lock and delivered once it is released, after the next batches are sent: a caller
   woken by its result finds the pool free for its next invocation.
+* A worker's outcome pipe is watched by one thread at most: the manager; or a waiting caller's
+  thread it is lent to; or, from when a caller's thread sent it an invocation's last batch until
+  that caller waits (kept), nobody: if what it sent is still unread 1 ms after it went idle, the
+  worker nudges the manager, which watches it again.
 * Each worker has its own pipes and journal; ``worker.inflight`` holds the batches sent to it in
   the order it runs them, so the first task without an outcome of its first batch is the one
   running. A death or a timeout is charged to exactly that target: what finished before it is
