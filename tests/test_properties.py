@@ -97,3 +97,35 @@ def test_batches_give_one_result_per_target_whatever_dies_in_them(
             assert result.ok and result.response == kind, result.exception
         else:
             assert isinstance(result.exception, expected), (kind, result.exception)
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(st.lists(st.sampled_from(["return", "raise", "exit", "kill"]),
+                                         min_size=1, max_size=3),
+                                st.sampled_from(["wait", "stream", "leave"])),
+                      min_size=1, max_size=12))
+def test_small_invocations_waited_for_or_not_each_yield_one_result(
+        engine: Engine, steps: list[tuple[list[str], str]]) -> None:
+    """Quick invocations of a target or a few, one after another, with no time limit: the
+    worker an invocation's last batch goes to is kept for its caller, who may wait for it at
+    once, stream it, or leave it (then the worker wakes the manager), and workers die in
+    between. Every result still comes exactly once, to the waiter and to each callback."""
+    invoked = []
+    for kinds, then in steps:
+        recorder = Recorder()
+        cid = engine.invoke([(targets.outcome, kind) for kind in kinds], callbacks=[recorder])
+        if then == "wait":
+            engine.wait(cid, timeout=60)
+        elif then == "stream":
+            assert len(list(engine.as_completed(cid, timeout=60))) == len(kinds)
+        invoked.append((cid, kinds, recorder))
+    for cid, kinds, recorder in invoked:
+        results = engine.wait(cid, timeout=60)
+        assert [r.index for r in results] == list(range(len(kinds)))
+        for kind, result in zip(kinds, results, strict=True):
+            expected = EXPECTED[kind]
+            assert result.ok is (expected is None), (kind, result.exception)
+            if expected is not None:
+                assert isinstance(result.exception, expected), (kind, result.exception)
+        assert sorted(p["index"] for p in recorder.payloads) == list(range(len(kinds)))
