@@ -61,11 +61,11 @@ class Pipe:
 
     def unread(self) -> bool:
         """Whether bytes written to the pipe are not read yet (True where that is unknown)."""
+        count = bytearray(4)
         try:
-            import fcntl
+            import fcntl  # (imported when first needed: a worker starts faster without)
             import termios
 
-            count = bytearray(4)
             fcntl.ioctl(self._fd, termios.FIONREAD, count)
         except (ImportError, AttributeError, OSError):
             return True

@@ -322,23 +322,25 @@ class TargetPool:
         the same, that much later; from then on no worker is kept until a caller waits again."""
         self._feeds.append(feed)
         keep = self._keeping and feed.timeout is None and self._limits.max_memory_per_worker is None
+        last = False  # the feed's last batch was taken
         try:
             for worker in [] if self._requeued else sorted(self._workers, key=_Worker.waiting):
                 room = self._room(worker)  # (what was requeued goes first: the manager's)
                 if not room:
                     continue
                 batch = feed.next_tasks(min(room, self._batch_size(feed)))
-                if batch is None or feed.exhausted:
+                last = batch is None or feed.exhausted
+                if last:
                     self._feeds.pop()  # all sent: nothing left for the manager to pull
                 if batch is None:
                     break
-                if keep and feed.exhausted and not worker.lent and worker.kept_since is None:
+                if keep and last and not worker.lent and worker.kept_since is None:
                     self._selector.unregister(worker.outcomes)
                     worker.kept_since = time.monotonic()
                 self._send(worker, batch)
-                if feed.exhausted:
+                if last:
                     break
-            if self._feeds and self._feeds[-1] is feed:
+            if not last:
                 self._watch_kept(0.0)  # the manager sends the rest as workers report
         except BaseException as exc:
             self._wake()
