@@ -82,7 +82,7 @@ from ._exceptions import (
 from ._journal import OUTCOMES, read_items
 from ._process import WorkerProcess
 from ._result import Outcome, Record, Records, Responses, record
-from ._worker import FAILED, KEEP_SECONDS, LARGE, OK, PICKLED, START_FAILED, UNLOADED
+from ._worker import FAILED, FOLLOW, KEEP_SECONDS, LARGE, OK, PICKLED, START_FAILED, UNLOADED
 
 LOADED = -3  #: a status of the pool's own: a large response, already read from the spill file
 
@@ -576,6 +576,9 @@ class TargetPool:
             return False
         if message.startswith(OUTCOMES):
             self._take_outcomes(worker, read_items(message))
+        elif message[:1] == FOLLOW:
+            worker.process.follow(*pickle.loads(message[1:]))
+            return True
         elif message[:1] == LARGE:
             task_id, status, started, finished, raw, places = pickle.loads(message[1:])
             value: Any

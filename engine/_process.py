@@ -68,6 +68,7 @@ class WorkerProcess:
         self.pid: int = self._popen.pid
         self._closed = False
         self._copied: tuple[int, int] | None = None  # the spill's part read last: to give back
+        self._copy: _spill.Copy | None = None  # a part read while the worker writes it
         self.tasks = Pipe(tasks_w)
         #: how many bytes the task pipe holds: what may be sent ahead without blocking
         self.pipe_bytes = _enlarge(tasks_w, 1 << 20)
@@ -93,12 +94,22 @@ class WorkerProcess:
 
     def close(self) -> None:
         """Close the caller's ends; call once it has exited."""
-        self._closed = True
+        self._closed, self._copy = True, None
         self.tasks.close()
         self.outcomes.close()
         self.journal.close()
         for fd in (self.spill, self.acks, self.sentinel):
             os.close(fd)
+
+    def follow(self, offset: int, size: int) -> None:
+        """Read the copied part of a large response the worker is writing at (offset, size)
+        for as long as it keeps writing; `read_spill` takes it from there."""
+        try:
+            copy = _spill.Copy(self.spill, offset, size)
+            copy.follow()
+        except Exception:  # e.g. no memory for it: `read_spill` tries again, and reports
+            return
+        self._copy = copy
 
     def read_spill(self, raw: bool, places: list[tuple[int, int]]) -> object:
         """The large response the worker wrote to its spill file at `places`, (offset, size)
@@ -107,8 +118,12 @@ class WorkerProcess:
         is made on the pages the worker wrote. The worker writes no other response until
         `release_spill`."""
         (offset, size), *buffers = places
+        copy, self._copy = self._copy, None
+        if copy is None:
+            copy = _spill.Copy(self.spill, offset, size)
+        assert (copy.offset, copy.size) == (offset, size), "a worker announced another part"
         self._copied = offset, size
-        data = _spill.read(self.spill, size, offset)
+        data = copy.finish()
         if raw:
             return data
         return pickle.loads(data, buffers=[_spill.Buffer(self.spill, length, at)

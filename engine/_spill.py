@@ -1,46 +1,74 @@
 """The caller's side of a worker's spill file, a file in memory where it writes large responses.
 
-A part that is copied (a `bytes` response, or a pickle) is read into a new object; a part that
-is mapped (an out-of-band buffer, a numpy array's data) stays in the file's pages (`Buffer`).
-A copied part's pages are freed after delivery (`free`).
+A part that is copied (a `bytes` response, or a pickle) is read into a new object (`Copy`), a
+large one while its worker writes it; a part that is mapped (an out-of-band buffer, a numpy
+array's data) stays in the file's pages (`Buffer`). A copied part's pages are freed after
+delivery (`free`).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import time
 from typing import Any, NoReturn
 
-#: A copied part this large is read into transparent huge pages. Every C library maps a block
-#: this large on its own (glibc's largest threshold), so the advice concerns that block alone.
-HUGE_READ_BYTES = 32 << 20
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 0)  # Linux's; given to libc's madvise
 _REMOVE = getattr(mmap, "MADV_REMOVE", 0)  # Linux: free the pages and the file's memory
+#: Seconds `Copy.follow` waits for its worker to write more before it leaves the rest for later.
+PATIENCE = 0.002
+
+
+class Copy:
+    """A copied part of a large response, read into a new `bytes` while its worker writes it.
+
+    Writing 50 MB into the spill file and reading it out cost about the same (fresh memory, page
+    by page); reading each page as soon as it is written takes the two together about as long
+    as the slower one. Where the C API cannot make a blank `bytes` to fill, the part is read
+    whole once written.
+    """
+
+    def __init__(self, fd: int, offset: int, size: int) -> None:
+        self.fd, self.offset, self.size = fd, offset, size
+        self.done = 0  #: bytes read so far
+        self._blank = _blank_bytes(size)
+
+    def follow(self, patience: float = PATIENCE) -> None:
+        """Read what is written, until the whole part is or nothing more came for `patience`
+        seconds (the worker slowed down, stopped or died: `finish` reads the rest later)."""
+        if self._blank is None:
+            return
+        view, clock = self._blank[1], time.monotonic
+        since = clock()
+        while self.done < self.size:
+            got = os.preadv(self.fd, [view[self.done:]], self.offset + self.done)
+            if got:
+                self.done += got
+                since = clock()
+            elif clock() - since > patience:
+                return
+            else:
+                os.sched_yield()
+
+    def finish(self) -> bytes:
+        """The whole part, once its worker has written all of it."""
+        if self._blank is None:
+            return read(self.fd, self.size, self.offset)
+        data, view = self._blank
+        with view:
+            while self.done < self.size:
+                got = os.preadv(self.fd, [view[self.done:]], self.offset + self.done)
+                self.done += got or _short()
+        return data
 
 
 def read(fd: int, size: int, offset: int) -> bytes:
-    """`size` bytes of the file `fd` from `offset`, as a new `bytes`.
-
-    A new 50 MB object costs as much in page faults as in copying: 12,800 of them. From
-    `HUGE_READ_BYTES` up, the object is made blank (as C code makes one before filling it),
-    advised onto huge pages (25 faults), then filled: half the time, where the system offers
-    transparent huge pages on advice (Linux's default) or always.
-    """
-    blank = _blank_bytes(size) if size >= HUGE_READ_BYTES else None
-    if blank is None:
-        data = os.pread(fd, size, offset)
-        if len(data) < size:  # one read returns at most about 2 GB
-            parts = [data]
-            while (done := sum(map(len, parts))) < size:
-                parts.append(os.pread(fd, size - done, offset + done) or _short())
-            data = b"".join(parts)
-        return data
-    data, view = blank
-    with view:
-        done = 0
-        while done < size:
-            done += os.preadv(fd, [view[done:]], offset + done) or _short()
+    """`size` bytes of the file `fd` from `offset`, as a new `bytes`."""
+    data = os.pread(fd, size, offset)
+    if len(data) < size:  # one read returns at most about 2 GB
+        parts = [data]
+        while (done := sum(map(len, parts))) < size:
+            parts.append(os.pread(fd, size - done, offset + done) or _short())
+        data = b"".join(parts)
     return data
 
 
@@ -93,21 +121,16 @@ os.register_at_fork(before=_count_fork)
 
 
 def _blank_bytes(size: int) -> tuple[bytes, memoryview] | None:
-    """A new `bytes` of `size` unset bytes, on huge pages where the system gives them, and a
-    writable view of it to fill before anything else sees it; None where ctypes cannot."""
+    """A new `bytes` of `size` unset bytes, and a writable view of it to fill before anything
+    else sees it; None where ctypes cannot."""
     global _c_api
     if _c_api is None:
         _c_api = _load_c_api()
     if not _c_api:
         return None
-    new_bytes, address_of, view_of, madvise = _c_api
+    new_bytes, address_of, view_of = _c_api
     data = new_bytes(None, size)
-    address = address_of(data)
-    start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
-    end = (address + size) // _HUGE_PAGE * _HUGE_PAGE
-    if end > start and _MADV_HUGEPAGE:
-        madvise(start, end - start, _MADV_HUGEPAGE)  # a refusal only costs the faults
-    return data, view_of(address, size, _PyBUF_WRITE)
+    return data, view_of(address_of(data), size, _PyBUF_WRITE)
 
 
 _PyBUF_WRITE = 0x200
@@ -118,14 +141,13 @@ def _load_c_api() -> tuple[Any, ...]:
     try:
         import ctypes
 
-        api, libc = ctypes.pythonapi, ctypes.CDLL(None)  # [name]: a function of our own
+        api = ctypes.pythonapi  # [name]: a function of our own
         new_bytes, address_of = api["PyBytes_FromStringAndSize"], api["PyBytes_AsString"]
-        view_of, madvise = api["PyMemoryView_FromMemory"], libc["madvise"]
-    except (ImportError, AttributeError, OSError):  # no ctypes, not CPython, no madvise
+        view_of = api["PyMemoryView_FromMemory"]
+    except (ImportError, AttributeError):  # no ctypes, or not CPython
         return ()
     new_bytes.argtypes, new_bytes.restype = (ctypes.c_void_p, ctypes.c_ssize_t), ctypes.py_object
     address_of.argtypes, address_of.restype = (ctypes.py_object,), ctypes.c_void_p
     view_of.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
     view_of.restype = ctypes.py_object
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return new_bytes, address_of, view_of, madvise
+    return new_bytes, address_of, view_of

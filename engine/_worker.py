@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 CONTROL = b"C"  #: the first byte of a READY or START_FAILED message
 LARGE = b"L"  #: the first byte of the header of a response written to the spill file
 LARGE_BYTES = 256 << 10  #: a response this big goes through the spill file, not the journal
+FOLLOW = b"F"  #: the first byte of a message: the copied part of a large response is being written
+FOLLOW_BYTES = 4 << 20  #: a copied part this large is announced before it is written
 READY = -1
 START_FAILED = -2
 #: Entry statuses. OK: the value is the response; PICKLED: the value is its pickle; FAILED: the
@@ -133,7 +135,9 @@ class _Reporter:
     response itself) are written to the spill file, a file in memory the pool shares, each part
     at a page boundary past the last response's, never over one. The pool copies the pickle out
     and maps the buffers (a numpy array is then made on the pages written here, with no copy),
-    and acknowledges before the next response may be written.
+    and acknowledges before the next response may be written. A large part to copy is announced
+    before it is written, so the pool reads it as it lands; the response is announced once
+    whole, so a worker that dies while writing it fails its target rather than deliver half.
     """
 
     def __init__(self, outcomes: Pipe, journal: Journal, spill: int, acks: int) -> None:
@@ -164,6 +168,8 @@ class _Reporter:
             offset = -(-self._spill_end // mmap.ALLOCATIONGRANULARITY) * mmap.ALLOCATIONGRANULARITY
             places.append((offset, len(view)))
             self._spill_end = offset + len(view)
+            if len(places) == 1 and len(view) >= FOLLOW_BYTES:  # read while it is written
+                self._outcomes.send_bytes(FOLLOW + pickle.dumps((offset, len(view))))
             while view:
                 written = os.pwrite(self._spill, view, offset)
                 view, offset = view[written:], offset + written

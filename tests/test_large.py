@@ -188,3 +188,42 @@ def test_a_child_forked_while_an_array_lives_keeps_its_own_view_of_it() -> None:
             os.close(to_parent)
             _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_worker_killed_while_writing_a_large_response_fails_that_target_only() -> None:
+    """The caller reads a large `bytes` response as its worker writes it, and gives up on a
+    worker that stops writing: killed mid-write, the target fails as a crash, no truncated
+    response is delivered, and the pool serves on."""
+    size = 256 * 800_000  # 205 MB: some 100 ms of writing
+    for _ in range(3):  # until a worker is caught mid-write
+        with Engine(workers=2) as engine:
+            engine.wait(engine.invoke([(targets.echo, 0)] * 2), timeout=60)
+            cid = engine.invoke([(targets.large, ("bytes", size))])
+            pid, spill = kill_once_writing(engine)
+            try:
+                assert not wait_gone({pid})
+                written = os.fstat(spill).st_size
+            finally:
+                os.close(spill)
+            (result,) = engine.wait(cid, timeout=60)
+            if written == size:
+                continue  # it had written it all: try again
+            assert not result.ok and isinstance(result.exception, WorkerCrashedError)
+            assert result.response is None
+            (after,) = engine.wait(engine.invoke([(targets.large, ("bytes", SIZE))]), timeout=60)
+            assert after.response == expected("bytes")
+            return
+    raise AssertionError("the write was never caught in the middle")
+
+
+def kill_once_writing(engine: Engine) -> tuple[int, int]:
+    """SIGKILL the worker whose spill file has begun to grow; its pid, and a descriptor of its
+    spill file (to close)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for worker in engine._pool._workers:
+            if os.fstat(worker.process.spill).st_size:
+                spill = os.dup(worker.process.spill)
+                os.kill(worker.pid, signal.SIGKILL)
+                return worker.pid, spill
+    raise AssertionError("no worker began to write its response")

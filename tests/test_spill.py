@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
+import threading
+import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from engine import _spill
 
-HUGE = _spill.HUGE_READ_BYTES + 3 * 4096 + 5  #: read into huge pages; not a whole number of them
+LARGE = 5 * 2**20 + 3 * 4096 + 5  #: not a whole number of pages
 PATTERN = bytes(range(256)) * 97  #: a length prime to the page size: a misplaced byte shows
 
 
@@ -34,49 +34,51 @@ def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     return str(request.param)
 
 
-@pytest.mark.parametrize("size", [300_000, HUGE])
+@pytest.mark.parametrize("size", [300_000, LARGE])
 def test_a_part_reads_whole_from_its_offset(spill: int, way: str, size: int) -> None:
     want = contents(size)
     offset = 5 << 20
     os.pwrite(spill, b"before" * 1000, 0)
     os.pwrite(spill, want + b"after", offset)
-    data = _spill.read(spill, size, offset)
+    copy = _spill.Copy(spill, offset, size)
+    copy.follow()
+    data = copy.finish()
     assert type(data) is bytes and len(data) == size
     assert data == want
     assert hash(data) == hash(want) and data.decode("latin-1").encode("latin-1") == want
 
 
-@pytest.mark.parametrize("size", [300_000, HUGE])
+@pytest.mark.parametrize("size", [300_000, LARGE])
 def test_a_file_shorter_than_announced_is_an_error(spill: int, way: str, size: int) -> None:
     os.pwrite(spill, contents(size - 10), 0)
+    copy = _spill.Copy(spill, 0, size)
+    copy.follow()
     with pytest.raises(EOFError, match="shorter than announced"):
-        _spill.read(spill, size, 0)
+        copy.finish()
 
 
-def _transparent_huge_pages() -> str:
-    try:
-        modes = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "absent"
-    return modes.split("[")[1].split("]")[0]
+def test_a_part_is_read_as_it_is_written_until_the_writer_pauses(spill: int) -> None:
+    """`follow` takes each piece as it lands, and gives up (rather than wait on a worker that
+    may have stopped) once nothing more came for its patience; `finish` reads the rest."""
+    want, offset = contents(LARGE), 1 << 20
+    os.pwrite(spill, b"older response", 0)
+    pieces = [want[k:k + 2**20] for k in range(0, LARGE, 2**20)]
+    written = threading.Event()
 
+    def write_all_but_the_last() -> None:
+        for k, piece in enumerate(pieces[:-1]):
+            os.pwrite(spill, piece, offset + k * 2**20)
+            time.sleep(0.0005)  # well within the patience
+        written.set()
 
-@pytest.mark.skipif(_transparent_huge_pages() != "madvise",
-                    reason="huge pages are given on advice only where the system's mode is madvise")
-def test_a_large_part_lands_on_huge_pages(spill: int) -> None:
-    os.pwrite(spill, contents(HUGE), 0)
-    data = _spill.read(spill, HUGE, 0)
-    assert huge_kb_under(id(data) + HUGE // 2) >= 2048, "no huge page under the object's memory"
-
-
-def huge_kb_under(address: int) -> int:
-    """The kB of huge pages in the mapping of this process that holds `address`."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(" ", 1)[0]
-        if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", head):
-            start, end = (int(bound, 16) for bound in head.split("-"))
-            inside = start <= address < end
-        elif inside and line.startswith("AnonHugePages:"):
-            return int(line.split()[1])
-    raise AssertionError("the address is in no mapping")
+    copy = _spill.Copy(spill, offset, LARGE)
+    writer = threading.Thread(target=write_all_but_the_last)
+    writer.start()
+    started = time.monotonic()
+    copy.follow(patience=0.1)
+    gave_up_after = time.monotonic() - started
+    writer.join()
+    assert written.is_set() and copy.done == LARGE - len(pieces[-1]), "not all that was written"
+    assert gave_up_after < 10
+    os.pwrite(spill, pieces[-1], offset + LARGE - len(pieces[-1]))
+    assert copy.finish() == want
