@@ -37,12 +37,10 @@ class Copy:
         seconds (the worker slowed down, stopped or died: `finish` reads the rest later)."""
         if self._blank is None:
             return
-        view, clock = self._blank[1], time.monotonic
+        clock = time.monotonic
         since = clock()
         while self.done < self.size:
-            got = os.preadv(self.fd, [view[self.done:]], self.offset + self.done)
-            if got:
-                self.done += got
+            if self._read_more():
                 since = clock()
             elif clock() - since > patience:
                 return
@@ -56,9 +54,16 @@ class Copy:
         data, view = self._blank
         with view:
             while self.done < self.size:
-                got = os.preadv(self.fd, [view[self.done:]], self.offset + self.done)
-                self.done += got or _short()
+                if not self._read_more():
+                    _short()
         return data
+
+    def _read_more(self) -> int:
+        """Read on from `done` up to what is written (the file's end); how many bytes."""
+        assert self._blank is not None
+        got = os.preadv(self.fd, [self._blank[1][self.done:]], self.offset + self.done)
+        self.done += got
+        return got
 
 
 def read(fd: int, size: int, offset: int) -> bytes:

@@ -1,4 +1,5 @@
-"""Reading a copied part of a large response out of a spill file (`engine._spill.read`)."""
+"""Reading a copied part of a large response out of a spill file (`engine._spill.Copy`), whole
+or while it is written."""
 
 from __future__ import annotations
 
