@@ -281,6 +281,9 @@ class TargetPool:
         self._next_task_id = 0
         self._taken: collections.deque[tuple[Owner, Records]] = collections.deque()
         self._spills_read: list[WorkerProcess] = []  # to release, once their results are in
+        #: Ctrl-C while a caller's thread read a large response on loan: raised once it is given
+        #: back (the pool's state is whole: the interrupted read is read again, or fails its target)
+        self._interrupt: KeyboardInterrupt | None = None
         self.stats = PoolStats()
         self.pids: tuple[int, ...] = ()  # the live workers' pids, for observers
         self._thread = threading.Thread(target=self._run, name="engine-manager", daemon=True)
@@ -399,7 +402,10 @@ class TargetPool:
             finally:
                 if self._manager_needed():
                     self._wake()
+                interrupt, self._interrupt = self._interrupt, None
         self._deliver_taken()
+        if interrupt is not None:
+            raise interrupt
 
     def _break(self, what: str, exc: BaseException) -> None:
         """Under `_lock`, in a caller's thread: its share of the manager's work failed (a bug,
@@ -577,15 +583,20 @@ class TargetPool:
         if message.startswith(OUTCOMES):
             self._take_outcomes(worker, read_items(message))
         elif message[:1] == FOLLOW:
-            worker.process.follow(*pickle.loads(message[1:]))
+            try:
+                worker.process.follow(*pickle.loads(message[1:]))
+            except KeyboardInterrupt as exc:  # nothing is lost: read whole once announced
+                self._interrupt = exc
             return True
         elif message[:1] == LARGE:
             task_id, status, started, finished, raw, places = pickle.loads(message[1:])
             value: Any
             try:  # a failure's body is read as it is, and unpickled as any failure's
                 value = (True, worker.process.read_spill(raw or status != OK, places))
-            except BaseException as exc:
+            except BaseException as exc:  # Ctrl-C (in a caller's thread) fails this target only
                 value = (False, exc)
+                if isinstance(exc, KeyboardInterrupt):
+                    self._interrupt = exc
             finally:
                 self._spills_read.append(worker.process)
             if status == OK:

@@ -227,3 +227,33 @@ def kill_once_writing(engine: Engine) -> tuple[int, int]:
                 os.kill(worker.pid, signal.SIGKILL)
                 return worker.pid, spill
     raise AssertionError("no worker began to write its response")
+
+
+def test_ctrl_c_while_a_large_response_is_read_leaves_the_engine_serving() -> None:
+    """An interrupt that lands while the waiting thread reads a large response as it is written
+    is raised, and loses nothing: the response is read whole once its worker announces it."""
+    size = 256 * 800_000  # 205 MB: some 100 ms of writing
+    with Engine(workers=2) as engine:
+        engine.wait(engine.invoke([(targets.echo, 0)] * 2), timeout=60)
+        workers = list(engine._pool._workers)
+
+        def interrupt_once_writing() -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if any(os.fstat(w.process.spill).st_size for w in workers):
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+
+        cid = engine.invoke([(targets.large, ("bytes", size))])
+        interrupter = threading.Thread(target=interrupt_once_writing)
+        interrupter.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                engine.wait(cid, timeout=60)
+                time.sleep(5)  # (the interrupt landed after the wait: raised here)
+        finally:
+            interrupter.join()
+        (result,) = engine.wait(cid, timeout=60)
+        assert result.ok and result.response == targets.large(("bytes", size))
+        (after,) = engine.wait(engine.invoke([(targets.double, 2)]), timeout=60)
+        assert after.response == 4
