@@ -135,15 +135,20 @@ def test_exception_groups_survive_the_trip(engine: Engine) -> None:
 
 SOAK_SIZE = int(os.environ.get("ENGINE_SOAK", "120"))
 OUTCOMES = ["return", "return", "return", "raise", "exit", "kill", "hang", "unpicklable",
-            "numpy", "bytes"]  # the last two: large responses, through the spill file
+            "numpy", "bytes", "nested"]  # the last three: large responses, in the spill file
 LARGE = 512 * 1024
+FOLLOWED = 6 * 1024 * 1024  #: "nested": a pickle the caller reads while it is written
+
+
+def soak_size(kind: str) -> int:
+    return FOLLOWED if kind == "nested" else LARGE
 
 
 def soak_call(kind: str) -> tuple[Any, Any]:
     if kind == "unpicklable":
         return targets.unpicklable_response, None
-    if kind in ("numpy", "bytes"):
-        return targets.large, (kind, LARGE)
+    if kind in ("numpy", "bytes", "nested"):
+        return targets.large, (kind, soak_size(kind))
     return targets.outcome, kind
 
 
@@ -179,8 +184,8 @@ def test_soak_random_outcomes_while_a_thread_kills_random_workers(seed: int) -> 
     assert isinstance(results, list) and len(results) == SOAK_SIZE
     assert [r.index for r in results] == list(range(SOAK_SIZE))
     for kind, result in zip(kinds, results, strict=True):  # a large response arrives whole
-        if kind == "bytes" and result.ok:
-            assert result.response == targets.large(("bytes", LARGE))
+        if kind in ("bytes", "nested") and result.ok:
+            assert result.response == targets.large((kind, soak_size(kind)))
         if kind == "numpy" and result.ok:
             assert (result.response["array"] == targets.large(("numpy", LARGE))["array"]).all()
     assert sorted(p["index"] for p in on_target.payloads) == list(range(SOAK_SIZE))
