@@ -147,5 +147,4 @@ def as_results(records: Iterable[Record]) -> list[Result]:
     return list(map(tuple.__new__, repeat(Result), records))
 
 
-for _public in (Result,):  # reprs and pickles say engine.X
-    _public.__module__ = "engine"
+Result.__module__ = "engine"  # reprs and pickles say engine.Result

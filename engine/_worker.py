@@ -8,6 +8,7 @@ cloudpickle and tblib only once needed. It owns two pipes and a journal, created
     worker -> pool   CONTROL + pickle((READY, pid))           once, when ready to serve
                      CONTROL + pickle((START_FAILED, tb))     instead, then it exits
                      journal entries (`engine._journal`)      outcomes, in the order they ran
+                     FOLLOW + pickle((offset, size))          a large part, being written
                      LARGE + pickle((task id, status, started, finished, raw, places))
                                                               a large response, in the spill
     pool -> acks     one byte                                  it was read: write the next

@@ -212,7 +212,9 @@ def test_a_worker_killed_while_writing_a_large_response_fails_that_target_only()
             assert result.response is None
             (after,) = engine.wait(engine.invoke([(targets.large, ("bytes", SIZE))]), timeout=60)
             assert after.response == expected("bytes")
-            return
+            pids = set(engine.stats().worker_pids)
+        assert not wait_gone(pids)
+        return
     raise AssertionError("the write was never caught in the middle")
 
 
@@ -257,3 +259,5 @@ def test_ctrl_c_while_a_large_response_is_read_leaves_the_engine_serving() -> No
         assert result.ok and result.response == targets.large(("bytes", size))
         (after,) = engine.wait(engine.invoke([(targets.double, 2)]), timeout=60)
         assert after.response == 4
+        pids = set(engine.stats().worker_pids)
+    assert not wait_gone(pids)
