@@ -54,3 +54,13 @@ def test_every_workload_runs_at_a_tiny_size_for_the_engine_and_its_peers(tmp_pat
         assert png.stat().st_size > 0
     else:
         assert "matplotlib is not installed" in done.stdout
+
+
+def test_the_cpu_split_runs_at_a_tiny_size() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_split.py"),
+                           "--rounds", "1", "--dispatch", "200"],
+                          capture_output=True, text=True, timeout=60, env=script_env())
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("  ")[0]: line.split()[-5:] for line in done.stdout.splitlines()[2:]}
+    assert set(rows) >= {"engine, invoke + wait", "engine.map", "loky.map(chunksize=100)"}
+    assert all(float(value) >= 0 for values in rows.values() for value in values)
