@@ -25,7 +25,7 @@ import cloudpickle
 from ._callbacks import CallbackPool
 from ._context import Channel, current_context
 from ._exceptions import DuplicateCidError, EngineClosedError, TargetCancelledError
-from ._invocation import Invocation, NamedCallback, Phase
+from ._invocation import Columns, Invocation, NamedCallback, Phase
 from ._names import Registry
 from ._pool import Limits, Owner, TargetPool
 from ._result import Records, Result
@@ -289,7 +289,7 @@ class Engine:
         invocation = Invocation(
             cid=cid or uuid.uuid4().hex,
             source=source or self._default_source or _caller_module(),
-            channel=channel, items=items, total=total, keys=keys, registry=self._registry,
+            channel=channel, items=items, keys=keys, registry=self._registry,
             timeout=self._default_timeout if timeout is None else timeout,
             retries=retries, retry_on=retry_on, keep_results=keep_results,
             on_target=callbacks_on_target, on_final=callbacks_on_final,
@@ -375,17 +375,24 @@ class _Each:
     requests: Iterable[Any]
 
 
-def _feed(targets: Targets | _Each) -> tuple[Iterator[Any], int | None, list[Any] | None,
-                                             Iterable[Any]]:
-    """(pairs, their number or None if lazy, the mapping's keys or None, the targets to check
-    before anything starts) for what `invoke` or `map` was given."""
+def _feed(targets: Targets | _Each) -> tuple[Columns | Iterator[Any], int | None,
+                                             list[Any] | None, Iterable[Any]]:
+    """(the input as columns, or as an iterator of pairs if it is lazy; its size or None; the
+    mapping's keys or None; the targets to check before anything starts) for what `invoke` or
+    `map` was given."""
     if isinstance(targets, _Each):
         requests = targets.requests
-        total = len(requests) if isinstance(requests, Sized) else None
-        return zip(repeat(targets.target), requests), total, None, (targets.target,)
+        if not isinstance(requests, Sized):
+            return zip(repeat(targets.target), requests), None, None, (targets.target,)
+        if not (isinstance(requests, (list, tuple, range))
+                and type(requests) in (list, tuple, range)):  # (a subclass may slice otherwise)
+            requests = list(requests)
+        return Columns(None, targets.target, requests), len(requests), None, (targets.target,)
     items, total, keys = _normalize(targets)
-    checked = () if total is None else _distinct(map(itemgetter(0), items))
-    return iter(items), total, keys, checked
+    if total is None:
+        return iter(items), None, keys, ()
+    column = list(map(itemgetter(0), items))
+    return Columns(column, None, list(map(itemgetter(1), items))), total, keys, _distinct(column)
 
 
 def _normalize(targets: Targets) -> tuple[Iterable[Any], int | None, list[Any] | None]:
@@ -408,9 +415,8 @@ def _normalize(targets: Targets) -> tuple[Iterable[Any], int | None, list[Any] |
     return targets, None, None
 
 
-def _distinct(targets: Iterable[Any]) -> Iterable[Any]:
+def _distinct(targets: list[Any]) -> Iterable[Any]:
     """Each target once, if they are hashable (functions are); else all of them."""
-    targets = list(targets)
     try:
         return dict.fromkeys(targets)
     except TypeError:

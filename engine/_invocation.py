@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 import logging
@@ -35,7 +36,6 @@ from ._result import (
 logger = logging.getLogger("engine")
 _NOTHING = object()
 _BY_INDEX = operator.itemgetter(2)  # a Result's index
-_TARGET, _REQUEST = operator.itemgetter(0), operator.itemgetter(1)  # of a (target, request) pair
 #: On-target callbacks of one invocation waiting or running, past which no more of its targets
 #: are sent (`keep_results=False`): memory then holds the work in flight, not every payload of
 #: a stream whose callbacks lag.
@@ -46,6 +46,21 @@ STREAM_BACKLOG = 8192
 _CANCEL_CHUNK = 4096  #: targets cancelled before they were pulled, recorded together
 
 NamedCallback = tuple[str, Callback]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Columns:
+    """An input whose size is known, kept as a column of targets and one of requests: a batch
+    is a slice of each, with no object made per target. `targets` is None where `target` runs
+    every request (`Engine.map`)."""
+
+    targets: Sequence[Any] | None
+    target: Any
+    requests: Sequence[Any]
+
+    def pair(self, index: int) -> tuple[Any, Any]:
+        target = self.target if self.targets is None else self.targets[index]
+        return target, self.requests[index]
 
 _CHANNELS = {  # call channel -> (on-target channel, on-final channel)
     Channel.PARALLEL_EXEC_CALL: (Channel.PARALLEL_EXEC_ON_TARGET, None),
@@ -88,8 +103,8 @@ class Invocation:
     Lock order: `_feed_lock` (pulling targets), then `_cond` (results); never the reverse.
     """
 
-    def __init__(self, *, cid: str, source: str, channel: Channel, items: Iterator[Any],
-                 total: int | None, keys: Sequence[Any] | None, registry: Registry,
+    def __init__(self, *, cid: str, source: str, channel: Channel,
+                 items: Columns | Iterator[Any], keys: Sequence[Any] | None, registry: Registry,
                  timeout: float | None, retries: int, retry_on: tuple[type[BaseException], ...],
                  keep_results: bool,
                  on_target: list[NamedCallback], on_final: list[NamedCallback],
@@ -102,7 +117,8 @@ class Invocation:
         self.retries, self.retry_on = retries, retry_on
         self.pace = Pace()
         self.on_target, self.on_final = on_target, on_final
-        self._items = items  # (target, request) pairs, pulled only as workers free up
+        #: the input, pulled only as workers free up: columns, or an iterator of pairs (lazy)
+        self._items = items
         self._keys = keys  # the mapping's keys, for wait(); None for pairs
         self._registry = registry
         self._resolved: dict[Any, tuple[str, bytes | SerializationError]] = {}
@@ -110,8 +126,8 @@ class Invocation:
         self._feed_lock = threading.Lock()
         self._cond = threading.Condition()
         self._pulled = 0
-        self.total = total  # None until a lazy iterator is exhausted
-        self._checked = total is not None  # items are pairs of a list: the fast path can take them
+        #: None until a lazy iterator is exhausted
+        self.total = len(items.requests) if isinstance(items, Columns) else None
         self.keep_results = keep_results
         #: its results go to one iterator (`responses`, for `Engine.map`), which takes them
         self.streamed = streamed
@@ -139,14 +155,13 @@ class Invocation:
         """
         with self._feed_lock:
             while not self.cancelled:
-                if self._checked:
-                    start = self._pulled
-                    pairs = list(itertools.islice(self._items, limit))
-                    self._pulled = start + len(pairs)
-                    batch = self._checked_batch(start, pairs)
-                    exhausted = self._pulled == self.total  # known from the start
-                    if not pairs:
-                        self._set_total(self._pulled)  # an empty input: its end is news
+                if isinstance(self._items, Columns):
+                    start, total = self._pulled, len(self._items.requests)
+                    self._pulled = stop = min(start + limit, total)
+                    batch = self._sliced_batch(self._items, start, stop)
+                    exhausted = stop == total
+                    if start == stop:
+                        self._set_total(total)  # an empty input: its end is news
                 else:
                     pulled = self._pull_many(limit)
                     batch = self._batch(pulled)
@@ -160,20 +175,23 @@ class Invocation:
         """Every target was pulled: their number is known, and reached."""
         return self._pulled == self.total
 
-    def _checked_batch(self, start: int, pairs: list[tuple[Any, Any]]) -> Batch | None:
-        """The batch of pairs from a list checked at invoke: one target for all, mostly."""
-        if not pairs:
+    def _sliced_batch(self, columns: Columns, start: int, stop: int) -> Batch | None:
+        """The batch of targets `start` to `stop` of `columns`: one target for all, mostly."""
+        if start == stop:
             return None
-        first, count = pairs[0][0], len(pairs)
-        if list(map(_TARGET, pairs)).count(first) < count:  # (in C: no Python code a pair)
-            return self._batch([(index, *pair) for index, pair in enumerate(pairs, start)])
+        count, requests = stop - start, columns.requests[start:stop]
+        first = columns.target
+        if columns.targets is not None:
+            targets = columns.targets[start:stop]
+            first = targets[0]
+            if targets.count(first) < count:  # (in C: no Python code a target)
+                return self._batch(list(zip(range(start, stop), targets, requests, strict=True)))
         name, blob = self.resolve(first)
         if isinstance(blob, BaseException):
             self.record_all([record(self, index, name, Outcome.failure(blob))
-                             for index in range(start, start + count)])
+                             for index in range(start, stop)])
             return None
-        return Batch(self, range(start, start + count), [name] * count, [blob], [0] * count,
-                     list(map(_REQUEST, pairs)))
+        return Batch(self, range(start, stop), [name] * count, [blob], [0] * count, requests)
 
     def _batch(self, pulled: list[tuple[int, Any, Any]]) -> Batch | None:
         """The batch of (index, target, request) triples; the targets that fail are recorded."""
@@ -208,6 +226,12 @@ class Invocation:
 
     def _pull(self) -> tuple[int, Any, Any] | None:
         """The next (index, target, request), or None once the input is exhausted."""
+        if isinstance(self._items, Columns):
+            index = self._pulled
+            if index == self.total:
+                return None
+            self._pulled = index + 1
+            return index, *self._items.pair(index)
         while True:
             index = self._pulled
             try:

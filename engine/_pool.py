@@ -113,7 +113,7 @@ class Batch:
     targets: list[str]
     functions: list[bytes]  #: pickled functions, each once
     positions: list[int]
-    requests: list[Any]
+    requests: Sequence[Any]
     attempt: int = 1  #: of every task in it (a task run again travels alone)
     first_id: int = 0  #: set when sent
     done: int = 0  #: the first `done` tasks have their outcome
@@ -1054,7 +1054,7 @@ def _unpicklable_request(why: str) -> Callable[[str], TargetError]:
     return lambda target: SerializationError(target, "request", why)
 
 
-def _pickled_requests(requests: list[Any]) -> bytes:
+def _pickled_requests(requests: Sequence[Any]) -> bytes:
     """Plain pickle when it will do (quick); cloudpickle for what only it can: lambdas, local
     functions, and what pickle would name by reference in `__main__`, which a worker lacks."""
     try:

@@ -36,6 +36,25 @@ def test_responses_come_in_input_order_from_a_list_a_range_and_an_iterator(
     assert list(engine.map(targets.double, [])) == []
 
 
+class NoSlices(list[int]):
+    """A list whose slices are not lists of its items: the engine must not take them."""
+
+    def __getitem__(self, index: object) -> object:  # type: ignore[override]
+        if isinstance(index, slice):
+            raise RuntimeError("no slices")
+        return super().__getitem__(index)  # type: ignore[index]
+
+
+def test_any_sized_input_gives_its_items_in_its_own_order(engine: Engine) -> None:
+    """A sized input is taken in slices where slicing is known to give its items (a list, a
+    tuple, a range), else read once, as iterating it gives them."""
+    assert list(engine.map(targets.double, (3, 1, 2) * 500)) == [6, 2, 4] * 500
+    assert sorted(engine.map(targets.double, {4, 5, 6})) == [8, 10, 12]
+    assert list(engine.map(targets.double, {"a": 7, "b": 8}.values())) == [14, 16]
+    assert list(engine.map(targets.double, NoSlices(range(1500)))) == \
+        [2 * i for i in range(1500)]
+
+
 def test_a_failure_raises_its_own_exception_in_its_turn(engine: Engine) -> None:
     got = []
     responses = engine.map(targets.outcome, ["return", "return", "raise", "return"])
