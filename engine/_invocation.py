@@ -160,6 +160,8 @@ class Invocation:
                     self._pulled = stop = min(start + limit, total)
                     batch = self._sliced_batch(self._items, start, stop)
                     exhausted = stop == total
+                    if exhausted:  # all pulled: a finished invocation holds none of its input
+                        self._items = iter(())
                     if start == stop:
                         self._set_total(total)  # an empty input: its end is news
                 else:

@@ -3,10 +3,12 @@ see."""
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import textwrap
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -243,6 +245,22 @@ def test_finished_invocations_are_kept_for_the_configured_history() -> None:
         with pytest.raises(KeyError):
             eng.wait(cids[0])
         assert eng.wait(cids[2]) == {}
+
+
+def test_a_finished_invocation_holds_none_of_its_input(engine: Engine) -> None:
+    """Finished invocations are kept for `wait`, their results with them, but not their
+    requests: those may be large, and the caller may have dropped them long ago."""
+    requests = [targets.Box(i) for i in range(3000)]
+    held = [weakref.ref(request) for request in requests]
+    cid = engine.invoke([(targets.echo, request) for request in requests])
+    results = engine.wait(cid, timeout=60)
+    assert [result.response.value for result in results] == list(range(3000))
+    mapped = list(engine.map(targets.echo, requests))
+    assert [response.value for response in mapped] == list(range(3000))
+    del requests
+    gc.collect()
+    assert [ref for ref in held if ref() is not None] == []
+    assert engine.wait(cid) == results  # still known
 
 
 def test_many_threads_invoking_at_once_each_get_every_result_once(engine: Engine) -> None:
