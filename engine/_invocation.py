@@ -62,6 +62,7 @@ class Columns:
         target = self.target if self.targets is None else self.targets[index]
         return target, self.requests[index]
 
+
 _CHANNELS = {  # call channel -> (on-target channel, on-final channel)
     Channel.PARALLEL_EXEC_CALL: (Channel.PARALLEL_EXEC_ON_TARGET, None),
     Channel.FANOUT_CALL: (Channel.FANOUT_ON_TARGET, Channel.FANOUT_ON_FINAL),
