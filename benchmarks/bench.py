@@ -693,7 +693,7 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     labels, ratios, colours = [], [], []
     for row in rows:
         figure = FIGURES[row["figure"]]
-        suffix = "" if row["engine"] == "engine" else f" [{row['engine'][8:]}]"
+        suffix = "" if row["engine"] == "engine" else f" [{row['engine']}]"
         labels.append(f"{figure.title}{suffix} ({figure.better} is better)")
         ratios.append(row["ratio"])
         wins = (row["ratio"] > 1) == (figure.better == HIGHER)
