@@ -187,7 +187,11 @@ class Invocation:
         if columns.targets is not None:
             targets = columns.targets[start:stop]
             first = targets[0]
-            if targets.count(first) < count:  # (in C: no Python code a target)
+            try:  # (in C: no Python code a target, unless a target's own `==` runs)
+                mixed = targets.count(first) < count
+            except Exception:  # that `==` failed: the targets are taken one by one
+                mixed = True
+            if mixed:
                 return self._batch(list(zip(range(start, stop), targets, requests, strict=True)))
         name, blob = self.resolve(first)
         if isinstance(blob, BaseException):

@@ -230,3 +230,18 @@ class Box:
 
 def box(value: Any) -> Box:
     return Box(value)
+
+
+class Touchy:
+    """A callable target whose `==` raises: the engine must not need to compare targets."""
+
+    def __init__(self, factor: int) -> None:
+        self.factor = factor
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("do not compare me")
+
+    __hash__ = object.__hash__
+
+    def __call__(self, request: int) -> int:
+        return self.factor * request

@@ -247,6 +247,13 @@ def test_finished_invocations_are_kept_for_the_configured_history() -> None:
         assert eng.wait(cids[2]) == {}
 
 
+def test_targets_whose_equality_raises_run_all_the_same(engine: Engine) -> None:
+    """The engine tells a batch's targets apart without needing their `==`, which may raise."""
+    a, b = targets.Touchy(1), targets.Touchy(2)
+    results = engine.wait(engine.invoke([(a, 1), (b, 2), (a, 3)] * 1000), timeout=60)
+    assert [result.response for result in results] == [1, 4, 3] * 1000
+
+
 def test_a_finished_invocation_holds_none_of_its_input(engine: Engine) -> None:
     """Finished invocations are kept for `wait`, their results with them, but not their
     requests: those may be large, and the caller may have dropped them long ago."""
