@@ -391,7 +391,7 @@ def _feed(targets: Targets | _Each) -> tuple[Columns | Iterator[Any], int | None
     items, total, keys = _normalize(targets)
     if total is None:
         return iter(items), None, keys, ()
-    column = list(map(itemgetter(0), items))
+    column = keys if keys is not None else list(map(itemgetter(0), items))
     return Columns(column, None, list(map(itemgetter(1), items))), total, keys, _distinct(column)
 
 
@@ -399,7 +399,7 @@ def _normalize(targets: Targets) -> tuple[Iterable[Any], int | None, list[Any] |
     """(items, total or None if lazy, mapping keys or None) for what `invoke` was given."""
     if isinstance(targets, Mapping):
         items = list(targets.items())
-        return items, len(items), [key for key, _ in items]
+        return items, len(items), list(map(itemgetter(0), items))
     if isinstance(targets, (str, bytes)) or not isinstance(targets, Iterable):
         raise TypeError("targets must be a mapping {target: request} or an iterable of "
                         f"(target, request) pairs, not {type(targets).__name__}")

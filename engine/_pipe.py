@@ -12,7 +12,8 @@ import select
 import struct
 import time
 
-_yield = getattr(os, "sched_yield", lambda: None)
+#: give the CPU to whatever else is ready to run (a no-op where the system has no call for it)
+yield_cpu = getattr(os, "sched_yield", lambda: None)
 
 
 class Pipe:
@@ -56,7 +57,7 @@ class Pipe:
             waited = clock() - start
             if waited >= spin:
                 return bool(poll(max(0, math.ceil((seconds - waited) * 1e3))))
-            _yield()
+            yield_cpu()
         return True
 
     def unread(self) -> bool:

@@ -13,6 +13,8 @@ import os
 import time
 from typing import Any, NoReturn
 
+from ._pipe import yield_cpu
+
 _REMOVE = getattr(mmap, "MADV_REMOVE", 0)  # Linux: free the pages and the file's memory
 #: Seconds `Copy.follow` waits for its worker to write more before it leaves the rest for later.
 PATIENCE = 0.002
@@ -45,7 +47,7 @@ class Copy:
             elif clock() - since > patience:
                 return
             else:
-                os.sched_yield()
+                yield_cpu()
 
     def finish(self) -> bytes:
         """The whole part, once its worker has written all of it."""
